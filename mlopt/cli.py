@@ -1,0 +1,398 @@
+"""The ``mlopt`` command: a thin typer + rich adapter over library functions.
+
+Only this module turns ``MloptError`` into messages and exit codes. Heavy libraries (torch, TVM,
+ONNX Runtime) are imported inside commands, so ``mlopt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlopt.errors import EXIT_CODES, MloptError, RecipeError
+
+EPILOG = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + "."
+app = typer.Typer(help="Compile PyTorch and ONNX models into measured, versioned builds for every SKU.",
+                  epilog=EPILOG, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+artifacts_app = typer.Typer(help="Inspect and maintain the artifact store.", no_args_is_help=True)
+manifest_app = typer.Typer(help="Read manifests and print their JSON Schema.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True)
+app.add_typer(artifacts_app, name="artifacts")
+app.add_typer(manifest_app, name="manifest")
+app.add_typer(recipe_app, name="recipe")
+
+# Wide enough for the summary table when output goes to a file or a CI log.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+STATE = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    STATE["debug"] = debug
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; turn errors into one message and the documented exit code."""
+    try:
+        return fn()
+    except MloptError as e:
+        if STATE["debug"]:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {e.message}", highlight=False)
+        if e.hint:
+            err.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
+        raise typer.Exit(e.exit_code)
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:  # an unexpected failure: one line, the traceback with --debug
+        if STATE["debug"]:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {e}", highlight=False)
+        err.print("[yellow]hint:[/] run again with --debug for the traceback", highlight=False)
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------ compile
+
+
+def parse_input(spec: str) -> dict[str, Any]:
+    """'name:1x3x224x224[:dtype]' (a non-number dimension names a dynamic axis) -> InputSpec fields."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise RecipeError(f"--input {spec!r} must look like name:1x3x224x224 or name:batchx128:int64")
+    dims = [int(d) if d.isdigit() else d for d in parts[1].split("x")]
+    return {"name": parts[0], "shape": dims, **({"dtype": parts[2]} if len(parts) == 3 else {})}
+
+
+def compile_overrides(**f: Any) -> dict[str, Any]:
+    """Map compile's flags onto recipe fields (only the flags that were given)."""
+    o: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    if f["inputs"]:
+        model["inputs"] = [parse_input(s) for s in f["inputs"]]
+    if f["model_name"]:
+        model["name"] = f["model_name"]
+    if model:
+        o["model"] = model
+    if f["targets"]:
+        o["targets"] = [t.strip() for spec in f["targets"] for t in spec.split(",") if t.strip()]
+    if f["backends"]:
+        o["backends"] = [b.strip() for spec in f["backends"] for b in spec.split(",") if b.strip()]
+    if f["passes"]:
+        o["passes"] = [{"kind": p} for p in f["passes"]]
+    for key, field in (("out", "output"), ("store", "store"), ("catalog", "catalog")):
+        if f[key]:
+            o[field] = str(f[key])
+    bench = {k: v for k, v in (("runs", f["runs"]), ("warmup", f["warmup"]), ("threads", f["threads"])) if v is not None}
+    if f["batch_sizes"]:
+        bench["batch_sizes"] = _ints(f["batch_sizes"], "--batch-sizes")
+    if bench:
+        o["benchmark"] = bench
+    if f["trials"] is not None:
+        o["tuning"] = {"trials": f["trials"]}
+    acc = {k: v for k, v in (("max_drop", f["max_drop"]), ("on_violation", f["on_violation"])) if v is not None}
+    if acc:
+        o["accuracy"] = acc
+    data = {}
+    if f["eval_data"]:
+        data["evaluation"] = {"source": f["eval_data"], **({"metric": f["metric"]} if f["metric"] else {})}
+    if f["calib_data"]:
+        data["calibration"] = {"source": f["calib_data"]}
+    if data:
+        o["data"] = data
+    return o
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RecipeError(f"{flag} {text!r} must be comma-separated integers, e.g. 1,8,32") from None
+
+
+def make_recipe(source: str, overrides: dict[str, Any]) -> Any:
+    from mlopt.recipes import load_recipe, recipe_from_dict
+    from mlopt.recipes.load import deep_merge
+
+    if source.endswith((".yaml", ".yml")):
+        return load_recipe(source, overrides)
+    path = Path(source)
+    if not source.endswith((".onnx", ".pt2")) and ":" not in source:
+        raise RecipeError(f"{source!r} is not a recipe (.yaml), a model (.onnx, .pt2) or a 'module:function' factory")
+    base = {"name": _name_from(path), "model": {"source": str(path.resolve()) if path.suffix else source}}
+    recipe = recipe_from_dict(deep_merge(base, overrides), where="flags")
+    return recipe.resolve_paths(Path.cwd())
+
+
+def _name_from(path: Path) -> str:
+    stem = path.stem if path.suffix else path.name.rpartition(":")[2]
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip("-._") or "model"
+
+
+@app.command("compile")
+def compile_cmd(
+    source: str = typer.Argument(..., help="A recipe (.yaml), an ONNX file, a .pt2 file, or module.py:factory."),
+    inputs: list[str] = typer.Option([], "--input", "-i", help="Input signature name:1x3x224x224[:dtype] (repeat)."),
+    targets: list[str] = typer.Option([], "--target", "-t", help="SKU names (repeat or comma-separated)."),
+    backends: list[str] = typer.Option([], "--backend", "-b", help="Restrict to these backends."),
+    passes: list[str] = typer.Option([], "--pass", "-p", help="Pass kinds to run, in order (replaces the recipe's)."),
+    model_name: Optional[str] = typer.Option(None, "--name", help="Model name in the store."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for the manifest."),
+    store: Optional[Path] = typer.Option(None, "--store", envvar="MLOPT_STORE", help="Artifact store folder."),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="A SKU catalog file."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Benchmark batch sizes, e.g. 1,8."),
+    runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs per batch size."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warm-up runs per batch size."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads used while measuring."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="MetaSchedule tuning trials for TVM builds."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Accuracy budget: largest allowed drop."),
+    on_violation: Optional[str] = typer.Option(None, "--on-violation", help="fail or skip a pass over budget."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluation data: .npz or module:function."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Evaluation metric."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration data: .npz or module:function."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe as YAML and stop."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+) -> None:
+    """Build, validate, measure and store a model for each target SKU; write a manifest."""
+    flags = dict(inputs=inputs, targets=targets, backends=backends, passes=passes, model_name=model_name,
+                 out=out_dir, store=store, catalog=catalog, batch_sizes=batch_sizes, runs=runs, warmup=warmup,
+                 threads=threads, trials=trials, max_drop=max_drop, on_violation=on_violation,
+                 eval_data=eval_data, metric=metric, calib_data=calib_data)
+
+    def go() -> int:
+        recipe = make_recipe(source, compile_overrides(**flags))
+        if dry_run:
+            from mlopt.recipes import dump_recipe
+
+            typer.echo(dump_recipe(recipe), nl=False)
+            return 0
+        from mlopt.compiler.pipeline import build
+        from mlopt.store import Store
+
+        st = Store(recipe.store)
+        log = (lambda m: err.print(m, highlight=False, markup=False)) if as_json else \
+            (lambda m: out.print(m, highlight=False, markup=False))
+        with (err if as_json else out).status("compiling ...", spinner="dots"):
+            result = build(recipe, st, log)
+        if as_json:
+            typer.echo(json.dumps(result.manifest.model_dump(mode="json"), indent=2))
+        else:
+            _summary(result.manifest)
+            out.print(f"manifest: {result.manifest_path}")
+        for e in result.manifest.errors:
+            err.print(f"[red]failed:[/] {e}", highlight=False)
+        return result.exit_code
+
+    raise typer.Exit(guarded(go))
+
+
+def _summary(m: Any) -> None:
+    t = Table(title=f"{m.models[0].name} v{m.models[0].version}")
+    for col in ("SKU", "backend", "status", "built", "validation", "p50 ms by batch", "best thr/s", "accuracy",
+                "$/M inf", "artifact"):
+        t.add_column(col)
+    for e in m.entries:
+        for c in e.candidates:
+            meas = c.measurement
+            lat = " ".join(f"b{b.batch_size}:{b.p50_ms:.2f}" for b in meas.batches) if meas else "-"
+            thr = f"{max(b.throughput_per_s or 0 for b in meas.batches):.1f}" if meas else "-"
+            acc = f"{meas.accuracy.value:.4f}" if meas and meas.accuracy else "-"
+            chosen = c.backend == e.chosen_backend
+            cost = f"{e.cost.usd_per_million:.4f}" if chosen and e.cost else "-"
+            built = ("cached" if c.cached else c.compiled or "-") if c.status == "built" else "-"
+            status = c.status + (" *" if chosen else "")
+            t.add_row(e.sku, c.backend, status, built, c.validation.status if c.validation else "-", lat, thr, acc,
+                      cost, c.artifact.key[:12] if c.artifact else (c.reason[:40] or "-"))
+    out.print(t)
+    out.print("* the SKU's chosen build", style="dim")
+
+
+# ------------------------------------------------------------------ targets and doctor
+
+
+@app.command("targets")
+def targets_cmd(
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="A SKU catalog file."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The SKU catalog as a table."""
+    def go() -> None:
+        from mlopt.targets.catalog import load_catalog
+
+        cat = load_catalog(catalog)
+        if as_json:
+            typer.echo(json.dumps(cat.model_dump(mode="json"), indent=2))
+            return
+        t = Table(title="SKU catalog")
+        for col in ("name", "kind", "vendor", "arch", "memory GB", "$/hour", "backends", "base image"):
+            t.add_column(col)
+        for s in cat.skus:
+            t.add_row(s.name, s.kind, s.vendor, s.arch, f"{s.memory_gb:g}" if s.memory_gb else "-",
+                      f"{s.price.usd_per_hour:g}" if s.price else "-", ", ".join(s.backends), s.base_image or "-")
+        out.print(t)
+    guarded(go)
+
+
+@app.command("doctor")
+def doctor_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+    """What this machine has: CPU features, GPUs and drivers, toolchains, and which SKUs it can run."""
+    def go() -> None:
+        from mlopt.targets import detect
+        from mlopt.targets.catalog import load_catalog
+
+        report = {"host": detect.host(), "gpus": detect.gpus(), "toolchains": detect.toolchains(),
+                  "skus": {s.name: dict(zip(("runs_here", "reason"), detect.host_runs(s)))
+                           for s in load_catalog().skus}}
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+            return
+        h = report["host"]
+        out.print(f"[bold]CPU[/] {h['cpu']} ({h['machine']}, {h['cores']} logical cores, level {h['x86_level']})")
+        out.print(f"[bold]features[/] {', '.join(h['features']) or '-'}")
+        out.print(f"[bold]GPUs[/] " + (", ".join(f"{g['vendor']} {g['name']} driver {g['driver']}" for g in report["gpus"])
+                                      or "none found (nvidia-smi, /sys/class/kfd, /sys/class/drm)"))
+        t = Table(title="toolchains")
+        t.add_column("tool")
+        t.add_column("version")
+        for k, v in report["toolchains"].items():
+            t.add_row(k, v)
+        out.print(t)
+        t = Table(title="catalog SKUs on this machine")
+        t.add_column("SKU")
+        t.add_column("run and measure here")
+        for name, info in report["skus"].items():
+            t.add_row(name, "yes" if info["runs_here"] else f"no: {info['reason']} (cross-compile only)")
+        out.print(t)
+    guarded(go)
+
+
+# ------------------------------------------------------------------ artifacts
+
+
+def _store(path: Optional[Path]) -> Any:
+    from mlopt.store import Store
+
+    return Store(path)
+
+
+StoreOpt = typer.Option(None, "--store", envvar="MLOPT_STORE", help="Artifact store folder.")
+
+
+@artifacts_app.command("list")
+def artifacts_list(store: Optional[Path] = StoreOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stored artifacts by model and version."""
+    def go() -> None:
+        st = _store(store)
+        rows = []
+        for name, entry in st.models().items():
+            for v in entry["versions"]:
+                for key in v["artifacts"]:
+                    art = st.get(key)
+                    if art:
+                        rows.append({"model": name, "version": v["version"], "id": key, "sku": art.meta["sku"],
+                                     "backend": art.meta["backend"], "precision": art.meta["precision"],
+                                     "bytes": sum(f["bytes"] for f in art.meta["files"].values()),
+                                     "created": art.meta["created"]})
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        t = Table(title=f"artifacts in {st.root}")
+        for col in ("id", "model", "version", "SKU", "backend", "precision", "size", "created"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["id"][:12], r["model"], f"v{r['version']}", r["sku"], r["backend"], r["precision"],
+                      _size(r["bytes"]), r["created"])
+        out.print(t)
+    guarded(go)
+
+
+@artifacts_app.command("show")
+def artifacts_show(artifact_id: str, store: Optional[Path] = StoreOpt) -> None:
+    """An artifact's metadata (files, digests, provenance) as JSON."""
+    guarded(lambda: typer.echo(json.dumps({**_store(store).resolve(artifact_id).meta}, indent=2)))
+
+
+@artifacts_app.command("verify")
+def artifacts_verify(artifact_id: Optional[str] = typer.Argument(None, help="An id; all artifacts when omitted."),
+                     store: Optional[Path] = StoreOpt) -> None:
+    """Re-hash artifacts' files against their recorded digests (exit 2 when any is damaged)."""
+    def go() -> int:
+        st = _store(store)
+        arts = [st.resolve(artifact_id)] if artifact_id else st.artifacts()
+        bad = 0
+        for art in arts:
+            problems = st.verify(art)
+            bad += bool(problems)
+            out.print(f"{art.short} {'ok' if not problems else 'DAMAGED: ' + '; '.join(problems)}", highlight=False)
+        out.print(f"{len(arts) - bad} ok, {bad} damaged")
+        return 2 if bad else 0
+    raise typer.Exit(guarded(go))
+
+
+@artifacts_app.command("gc")
+def artifacts_gc(store: Optional[Path] = StoreOpt,
+                 keep_last: Optional[int] = typer.Option(None, "--keep-last", min=0, help="Versions to keep per model."),
+                 damaged: bool = typer.Option(False, "--damaged", help="Also remove artifacts that fail verification.")) -> None:
+    """Remove unreferenced objects, stale temp folders, and old versions beyond --keep-last."""
+    def go() -> None:
+        removed = _store(store).gc(keep_last=keep_last, damaged=damaged)
+        out.print(", ".join(f"{v} {k}" for k, v in removed.items()) + " removed")
+    guarded(go)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ------------------------------------------------------------------ manifest and recipe
+
+
+@manifest_app.command("show")
+def manifest_show(path: Path, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Validate a manifest against its schema and show it as a table."""
+    def go() -> None:
+        from mlopt.manifest import read_manifest
+
+        m = read_manifest(path)
+        if as_json:
+            typer.echo(json.dumps(m.model_dump(mode="json"), indent=2))
+            return
+        out.print(f"manifest schema {m.schema_version}, mlopt {m.mlopt_version}, {m.created}, status {m.status}")
+        _summary(m)
+    guarded(go)
+
+
+@manifest_app.command("schema")
+def manifest_schema_cmd() -> None:
+    """The manifest's JSON Schema."""
+    from mlopt.manifest import SCHEMA_FILE
+
+    typer.echo(SCHEMA_FILE.read_text(), nl=False)
+
+
+@recipe_app.command("schema")
+def recipe_schema_cmd() -> None:
+    """The recipe's JSON Schema."""
+    from mlopt.recipes.schema import Recipe
+
+    typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The compiler: ingest (source -> Model), passes (Model -> Model), validation, measurement, pipeline."""

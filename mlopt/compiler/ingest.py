@@ -1,0 +1,294 @@
+"""Ingest: turn a model source (ONNX file, torch.export .pt2, PyTorch factory) into a ``Model``.
+
+PyTorch sources are exported to ONNX and the export is checked numerically against the module.
+ONNX files are checked (structure, signature). torch is imported only when a source needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mlopt.compiler.model import ONNX_TO_NUMPY, Model, file_digest
+from mlopt.errors import ModelLoadError, ValidationMismatch
+from mlopt.recipes.schema import InputSpec, ModelSource
+
+
+def load_callable(spec: str, what: str) -> Callable[..., Any]:
+    """Import 'path/to/file.py:function' or 'package.module:function'."""
+    target, _, func = spec.rpartition(":")
+    if not target or not func:
+        raise ModelLoadError(f"{what} {spec!r} must look like 'path/to/file.py:function' or 'package.module:function'")
+    module = _import(target, what)
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise ModelLoadError(f"{what} {spec!r}: {target} has no function {func!r}")
+    return fn
+
+
+def _import(target: str, what: str) -> Any:
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ModelLoadError(f"{what} file {path} does not exist")
+        name = "mlopt_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.path.insert(0, str(path.parent))
+        try:
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        finally:
+            sys.path.remove(str(path.parent))
+        sys.modules[name] = module
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as e:
+        raise ModelLoadError(f"{what}: cannot import {target!r}: {e}") from None
+
+
+def source_key(src: ModelSource) -> str:
+    """A cache key for a source that needs no import: file contents, names, signature, versions."""
+    h = hashlib.sha256(json.dumps(src.model_dump(mode="json"), sort_keys=True).encode())
+    for path in _source_files(src):
+        h.update(path.read_bytes() if path.is_file() else b"<missing>")
+    if src.kind != "onnx":
+        from importlib.metadata import version
+
+        h.update(f"torch=={version('torch')}".encode())
+    return h.hexdigest()
+
+
+def _source_files(src: ModelSource) -> list[Path]:
+    files = []
+    if src.kind in ("onnx", "pt2"):
+        files.append(Path(src.source))
+    elif src.source.rpartition(":")[0].endswith(".py"):
+        files.append(Path(src.source.rpartition(":")[0]))
+    if src.checkpoint:
+        files.append(Path(src.checkpoint))
+    return files
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def read_onnx(path: Path, declared: list[InputSpec], name: str) -> Model:
+    """Check an ONNX file and return its Model; ``declared`` inputs, if any, must match the file."""
+    import onnx
+
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist", hint="check model.source in the recipe")
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, ValidationError, OSError ...
+        raise ModelLoadError(
+            f"{path} is not a valid ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            hint="the file may be truncated or corrupt; export it again",
+        ) from None
+    found = graph_inputs(proto)
+    inputs = _match_signature(found, declared, path) if declared else found
+    outputs = tuple(o.name for o in proto.graph.output)
+    return Model(name=name, onnx_path=path, inputs=tuple(inputs), outputs=outputs, digest=file_digest(path))
+
+
+def graph_inputs(proto: Any) -> list[InputSpec]:
+    """The graph's real inputs (initializers excluded) as InputSpecs."""
+    inits = {i.name for i in proto.graph.initializer}
+    specs = []
+    for inp in proto.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dims: list[int | str] = []
+        for k, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            else:
+                dims.append(_axis_name(d.dim_param, inp.name, k))
+        dtype = ONNX_TO_NUMPY.get(tt.elem_type)
+        if dtype is None or dtype == "float64":
+            raise ModelLoadError(f"input {inp.name!r} has an element type mlopt does not handle ({tt.elem_type})")
+        specs.append(InputSpec(name=inp.name, shape=dims, dtype=dtype))
+    return specs
+
+
+def _axis_name(param: str, input_name: str, k: int) -> str:
+    cleaned = "".join(c if c.isalnum() else "_" for c in param).strip("_")
+    if cleaned and not cleaned[0].isdigit():
+        return cleaned
+    return f"{''.join(c if c.isalnum() else '_' for c in input_name)}_dim{k}"
+
+
+def _match_signature(found: list[InputSpec], declared: list[InputSpec], path: Path) -> list[InputSpec]:
+    by_name = {f.name: f for f in found}
+    if set(by_name) != {d.name for d in declared}:
+        raise ModelLoadError(
+            f"input signature does not match {path.name}: the model has inputs {sorted(by_name)}, "
+            f"the recipe declares {[d.name for d in declared]}",
+            hint="fix model.inputs (or --input) to name the model's inputs",
+        )
+    for d in declared:
+        f = by_name[d.name]
+        if len(f.shape) != len(d.shape):
+            raise ModelLoadError(f"input {d.name!r}: the model has rank {len(f.shape)} {f.shape}, declared {d.shape}")
+        for fd, dd in zip(f.shape, d.shape):
+            if isinstance(fd, int) and isinstance(dd, int) and fd != dd:
+                raise ModelLoadError(f"input {d.name!r}: the model's shape is {f.shape}, declared {d.shape}")
+            if isinstance(fd, int) and isinstance(dd, str):
+                raise ModelLoadError(
+                    f"input {d.name!r}: axis {dd!r} is declared dynamic but the model fixes it to {fd}",
+                    hint="export the model with that axis dynamic, or declare the fixed size",
+                )
+        if f.dtype != d.dtype:
+            raise ModelLoadError(f"input {d.name!r}: the model takes {f.dtype}, declared {d.dtype}")
+    return list(declared)
+
+
+# ---------------------------------------------------------------- PyTorch
+
+
+def torch_loader(src: ModelSource) -> Callable[[], Any]:
+    """A function that builds the source's nn.Module (eval mode, checkpoint loaded)."""
+
+    def load() -> Any:
+        import torch
+
+        if src.kind == "pt2":
+            return _load_pt2(Path(src.source)).module()
+        module = load_callable(src.source, "model factory")()
+        if not isinstance(module, torch.nn.Module):
+            raise ModelLoadError(f"model factory {src.source!r} returned {type(module).__name__}, not an nn.Module")
+        if src.checkpoint:
+            module.load_state_dict(_load_checkpoint(Path(src.checkpoint)))
+        return module.eval()
+
+    return load
+
+
+def _load_pt2(path: Path) -> Any:
+    import torch
+
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist")
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path} is not a loadable torch.export file: {type(e).__name__}: {e}") from None
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(
+            f"checkpoint {path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            hint="save a plain state_dict (torch.save(model.state_dict(), ...)); pickled objects are refused",
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def export_torch(src: ModelSource, module: Any, out: Path, name: str, sample: dict[str, np.ndarray]) -> Model:
+    """Export ``module`` to ONNX at ``out`` and check it against the module on ``sample``."""
+    import torch
+
+    args = tuple(torch.from_numpy(sample[i.name]) for i in src.inputs)
+    with torch.no_grad():
+        ref = _as_list(module(*args))
+    outputs = [f"output{k}" if len(ref) > 1 else "output" for k in range(len(ref))]
+    _run_exporter(src, module, args, out, outputs)
+    model = read_onnx(out, list(src.inputs), name)
+    got = run_onnx(out, sample)
+    check_close(dict(zip(outputs, [r.numpy() for r in ref])), got, src.export_atol, 1e-3, "ONNX export")
+    return model
+
+
+def _run_exporter(src: ModelSource, module: Any, args: tuple, out: Path, outputs: list[str]) -> None:
+    import torch
+
+    dims: dict[str, Any] = {}
+    dynamic = tuple(
+        {k: dims.setdefault(d, torch.export.Dim(d)) for k, d in i.dynamic_axes.items()} or None for i in src.inputs
+    )
+    names = [i.name for i in src.inputs]
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, str(out), input_names=names, output_names=outputs, opset_version=src.opset,
+                dynamo=True, dynamic_shapes=dynamic if any(dynamic) else None, external_data=False, verbose=False,
+            )
+    except Exception as e:
+        raise ModelLoadError(
+            f"exporting {src.source} to ONNX failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+            hint="check that the module runs on the declared input signature (names, shapes, dtypes)",
+        ) from None
+
+
+def _as_list(out: Any) -> list[Any]:
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _as_list(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _as_list(o)]
+    return [out]
+
+
+def run_onnx(path: Path, feed: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
+    """Reference run of an ONNX file with ONNX Runtime's CPU provider, default optimizations off."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feed)))
+
+
+def check_close(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float, rtol: float, where: str) -> float:
+    """Raise ``ValidationMismatch`` naming the first output beyond tolerance; return the max abs diff."""
+    worst = 0.0
+    for (rname, r), (gname, g) in zip(ref.items(), got.items()):
+        r64, g64 = np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)
+        if r64.shape != g64.shape:
+            raise ValidationMismatch(gname, float("inf"), atol, rtol, f"{where} (shape {g64.shape} vs {r64.shape})")
+        diff = float(np.max(np.abs(r64 - g64))) if r64.size else 0.0
+        if not np.allclose(g64, r64, atol=atol, rtol=rtol) or not np.isfinite(diff):
+            raise ValidationMismatch(gname, diff, atol, rtol, where)
+        worst = max(worst, diff)
+    return worst
+
+
+def random_feed(inputs: tuple[InputSpec, ...] | list[InputSpec], shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs: normal floats, small non-negative ints (valid token ids, masks, indices)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for i in inputs:
+        shape = shapes[i.name]
+        if i.dtype.startswith(("float", "bfloat")):
+            feed[i.name] = rng.standard_normal(shape).astype(np.float32 if i.dtype == "bfloat16" else i.dtype)
+        elif i.dtype == "bool":
+            feed[i.name] = np.ones(shape, dtype=bool)
+        else:
+            feed[i.name] = rng.integers(0, 2, size=shape).astype(i.dtype)
+    return feed

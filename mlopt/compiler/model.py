@@ -1,0 +1,69 @@
+"""The Model handed between stages: an ONNX file (the interchange form), its signature, and for
+PyTorch sources the ``nn.Module`` that training passes need."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mlopt.recipes.schema import InputSpec
+
+ONNX_TO_NUMPY = {
+    1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+    10: "float16", 11: "float64", 16: "bfloat16",
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model on its way through the pipeline."""
+
+    name: str
+    onnx_path: Path
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[str, ...]
+    digest: str
+    torch_module: Any = None  # nn.Module for PyTorch sources; None after ONNX-only passes
+    lineage: tuple[str, ...] = field(default_factory=tuple)  # digests of the models this came from
+
+    def derive(self, onnx_path: Path, torch_module: Any = None) -> "Model":
+        """A new Model made from this one by a pass (keeps the signature)."""
+        return replace(
+            self, onnx_path=onnx_path, digest=file_digest(onnx_path), torch_module=torch_module,
+            lineage=self.lineage + (self.digest,),
+        )
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in onnx_files(self.onnx_path))
+
+    def feed_shapes(self, batch: int, dims: dict[str, int], batch_axis: str) -> dict[str, tuple[int, ...]]:
+        bound = {**dims, batch_axis: batch}
+        return {i.name: i.concrete(bound) for i in self.inputs}
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """The ONNX file and the external-data files beside it that it references."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    extra = set()
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                extra.add(path.parent / entry.value)
+    return [path, *sorted(extra)]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 over an ONNX file and its external data."""
+    h = hashlib.sha256()
+    for k, p in enumerate(onnx_files(path)):
+        if k:  # external data is referenced by name; the main file's own name does not matter
+            h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,86 @@
+"""One exception hierarchy. Domain code raises these; only ``mlopt.cli`` turns them into exit codes.
+
+Exit codes (documented in the README and ``mlopt --help``):
+  0 ok, 1 other failure, 2 bad input, 3 accuracy or validation failure,
+  4 backend or toolchain unavailable.
+"""
+
+from __future__ import annotations
+
+
+class MloptError(Exception):
+    """Base of every error mlopt reports to a user. ``hint`` says what to do next."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class BadInput(MloptError):
+    """The user's input is wrong: a recipe, a model file, a signature, a name."""
+
+    exit_code = 2
+
+
+class RecipeError(BadInput):
+    """A recipe or flag failed validation."""
+
+
+class ModelLoadError(BadInput):
+    """A model file is missing, corrupt or does not match its declared signature."""
+
+
+class UnknownName(BadInput):
+    """A SKU, pass, backend or artifact that does not exist."""
+
+
+class StoreError(BadInput):
+    """The artifact store cannot be used (not writable, corrupt index, digest mismatch)."""
+
+
+class AccuracyError(MloptError):
+    """A result broke the accuracy budget or failed numeric validation."""
+
+    exit_code = 3
+
+
+class ValidationMismatch(AccuracyError):
+    """A lowered model's outputs differ from the reference beyond the backend's tolerance."""
+
+    def __init__(self, output: str, max_abs_diff: float, atol: float, rtol: float, where: str):
+        super().__init__(
+            f"{where}: output {output!r} differs from the reference by {max_abs_diff:.3g} "
+            f"(tolerance atol={atol:g}, rtol={rtol:g})",
+            hint="run with --debug to see the failing comparison; report the model and backend",
+        )
+        self.output = output
+        self.max_abs_diff = max_abs_diff
+
+
+class BudgetExceeded(AccuracyError):
+    """A pass cost more accuracy than the recipe allows."""
+
+
+class BackendUnavailable(MloptError):
+    """A backend, toolchain or device needed for a build is missing, or cannot lower the model."""
+
+    exit_code = 4
+
+
+class UnsupportedOperator(BackendUnavailable):
+    """A backend cannot lower an operator of the model."""
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "other failure",
+    2: "bad input (recipe, model file, signature, unknown name, unusable store)",
+    3: "accuracy budget broken or numeric validation failed",
+    4: "backend, toolchain or device unavailable",
+}

@@ -1,0 +1,225 @@
+"""The benchmark manifest: one JSON document per run, read by serving layers to route requests.
+
+``MANIFEST_SCHEMA_VERSION`` follows semver: a new optional field bumps the minor version, a changed
+or removed field the major. The JSON Schema shipped in ``mlopt/schemas/manifest.schema.json`` is
+generated from these models (``mlopt manifest schema``) and a test keeps the two identical.
+Every figure is measured on the machine its ``provenance`` names; a figure that was not measured
+is absent (null), never estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mlopt.errors import BadInput
+from mlopt.recipes.schema import InputSpec
+
+MANIFEST_SCHEMA_VERSION = "1.0"
+SCHEMA_FILE = Path(__file__).parent / "schemas" / "manifest.schema.json"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Host(Strict):
+    machine: str = Field(description="CPU architecture (uname -m).")
+    cpu: str = Field(description="CPU model name.")
+    cores: int | None = Field(description="Logical CPUs of the machine.")
+    x86_level: str | None = Field(description="x86-64 micro-architecture level, when x86.")
+    features: list[str] = Field(description="Notable CPU features (AVX-512, VNNI, AMX, SVE ...).")
+    os: str
+    python: str
+
+
+class Provenance(Strict):
+    host: Host = Field(description="The machine the figures were measured on.")
+    libraries: dict[str, str] = Field(description="Versions of the runtime libraries that ran the build.")
+    measured_at: str = Field(description="UTC time of the measurement.")
+    threads: int = Field(description="Intra-op threads used.")
+
+
+class BatchFigures(Strict):
+    batch_size: int
+    runs: int = Field(description="Timed runs (after warm-up).")
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    throughput_per_s: float | None = Field(description="Inferences per second at p50 (batch_size / p50).")
+    spread: float = Field(description="(p75 - p25) / p50 of the timings.")
+    noisy: bool = Field(description="spread above 0.10: treat the figures with care.")
+
+
+class Accuracy(Strict):
+    metric: str
+    value: float = Field(description="Metric of this build on the evaluation data.")
+    reference: float = Field(description="Metric of the original model on the same data.")
+    drop: float = Field(description="reference - value.")
+    within_budget: bool
+
+
+class Measurement(Strict):
+    provenance: Provenance
+    batches: list[BatchFigures]
+    peak_memory_bytes: int | None = Field(description="Peak resident memory growth to load and run the build.")
+    memory_method: str | None
+    noisy: bool
+    accuracy: Accuracy | None = Field(description="Absent when the recipe has no evaluation data.")
+
+
+class Validation(Strict):
+    status: Literal["passed", "failed", "not-run"]
+    max_abs_diff: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    reason: str = ""
+
+
+class ArtifactRef(Strict):
+    key: str = Field(description="Content address: sha256 of everything that made the artifact.")
+    content_digest: str = Field(description="sha256 over the artifact's file digests.")
+    path: str = Field(description="Folder of the artifact in the store.")
+    size_bytes: int
+    files: list[str]
+
+
+class Candidate(Strict):
+    backend: str
+    status: Literal["built", "failed", "unavailable"]
+    compiled: Literal["here", "cross"] | None = Field(
+        None, description="'here': built for this machine's hardware; 'cross': built for hardware not present."
+    )
+    reason: str = ""
+    precision: str | None = None
+    artifact: ArtifactRef | None = None
+    validation: Validation | None = None
+    measurement: Measurement | None = None
+    build_seconds: float | None = None
+    cached: bool = False
+    details: dict[str, Any] = Field(default_factory=dict, description="Backend-specific facts (tuning, target).")
+
+
+class Cost(Strict):
+    usd_per_million: float = Field(description="price_per_hour / (throughput_per_s * 3600) * 1e6.")
+    usd_per_hour: float
+    throughput_per_s: float
+    batch_size: int
+    price_source: str
+    price_date: str
+
+
+class Entry(Strict):
+    """One (model, SKU): the chosen build and every candidate tried."""
+
+    model: str
+    version: int
+    sku: str
+    sku_kind: Literal["cpu", "gpu"]
+    chosen_backend: str | None = Field(description="The backend a server should deploy for this SKU.")
+    chosen_by: str = Field(description="How the choice was made.")
+    artifact: ArtifactRef | None
+    precision: str | None
+    measurement: Measurement | None
+    cost: Cost | None = Field(description="Absent unless the SKU has a price and its throughput was measured.")
+    candidates: list[Candidate]
+
+
+class PassReport(Strict):
+    name: str
+    kind: str
+    status: Literal["applied", "skipped", "rejected"]
+    seconds: float
+    size_before: int
+    size_after: int
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    cached: bool = False
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReferenceAccuracy(Strict):
+    metric: str
+    value: float
+    samples: int
+
+
+class ModelInfo(Strict):
+    name: str
+    version: int
+    source: str
+    input_digest: str = Field(description="sha256 of the ingested ONNX model.")
+    final_digest: str = Field(description="sha256 of the ONNX model after all passes.")
+    inputs: list[InputSpec]
+    outputs: list[str]
+    reference_accuracy: ReferenceAccuracy | None
+    passes: list[PassReport]
+
+
+class RecipeRef(Strict):
+    name: str
+    digest: str = Field(description="sha256 of the resolved recipe.")
+
+
+class Manifest(Strict):
+    schema_version: Literal["1.0"] = MANIFEST_SCHEMA_VERSION
+    mlopt_version: str
+    created: str
+    recipe: RecipeRef
+    host: Host = Field(description="The machine that ran mlopt.")
+    toolchain: dict[str, str]
+    store: str
+    models: list[ModelInfo]
+    entries: list[Entry]
+    status: Literal["ok", "failed"]
+    errors: list[str] = Field(default_factory=list)
+    stage_seconds: dict[str, float] = Field(default_factory=dict, description="Wall time of each pipeline stage.")
+
+
+def manifest_schema() -> dict[str, Any]:
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://mlopt.dev/schemas/manifest-{MANIFEST_SCHEMA_VERSION}.json"
+    return schema
+
+
+def write_manifest(manifest: Manifest, path: Path) -> None:
+    """Validate against the shipped JSON Schema, then write atomically."""
+    data = manifest.model_dump(mode="json")
+    validate_manifest(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def validate_manifest(data: dict[str, Any]) -> None:
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    try:
+        jsonschema.validate(data, schema)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path)
+        raise BadInput(f"manifest does not match schema {MANIFEST_SCHEMA_VERSION} at {where or '(root)'}: {e.message}") from None
+
+
+def read_manifest(path: Path) -> Manifest:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInput(f"manifest {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise BadInput(f"manifest {path} is not JSON: {e}") from None
+    validate_manifest(data)
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise BadInput(f"manifest {path} is invalid: {e.errors()[0]['msg']}") from None

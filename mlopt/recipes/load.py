@@ -1,0 +1,94 @@
+"""Load recipes from YAML (or dicts) into the strict ``Recipe`` model, with errors a user can act on."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mlopt.errors import RecipeError
+from mlopt.recipes.schema import Recipe
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file, apply ``overrides`` (dotted-free nested dict), resolve relative paths."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of fields (see `mlopt recipe schema`)")
+    merged = deep_merge(raw, overrides or {})
+    return recipe_from_dict(merged, where=str(path)).resolve_paths(path.parent.resolve())
+
+
+def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
+    """Validate a dict into a ``Recipe``; the first problems are reported with their field paths."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{where}: " + "; ".join(_describe(err) for err in e.errors()[:4])) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The recipe as YAML, every field resolved (what --dry-run prints)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    if err["type"] == "extra_forbidden":
+        return f"unknown field {loc!r}{_suggest(err)}"
+    if err["type"] == "union_tag_invalid":
+        return f"{loc}: {err['msg']}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc or '(top level)'}: {msg}"
+
+
+def _suggest(err: dict[str, Any]) -> str:
+    """For a misspelt key, name the field it probably meant."""
+    *parent, key = err["loc"]
+    fields = _fields_at(parent)
+    near = difflib.get_close_matches(str(key), fields, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else (f" (allowed: {', '.join(fields)})" if fields else "")
+
+
+def _fields_at(path: list[Any]) -> list[str]:
+    model: Any = Recipe
+    for part in path:
+        if isinstance(part, int) or model is None:
+            continue
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            # a discriminated union member ("graph-optimize"): look it up by its tag
+            from mlopt.compiler.passes import PASS_CONFIGS
+
+            model = PASS_CONFIGS.get(part)
+            continue
+        model = _model_of(info.annotation)
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _model_of(annotation: Any) -> Any:
+    from typing import get_args
+
+    if hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

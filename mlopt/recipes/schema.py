@@ -1,0 +1,256 @@
+"""The recipe: a strict description of one compile job (what to build, how, for which SKUs).
+
+Every field is documented here; ``mlopt recipe schema`` prints the JSON Schema generated from
+these models. Unknown keys are errors. ``RECIPE_SCHEMA_VERSION`` changes when a field changes
+meaning; new optional fields keep the version.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RECIPE_SCHEMA_VERSION = 1
+
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(Strict):
+    """One model input. A string in ``shape`` names a dynamic axis (for example ``batch``)."""
+
+    name: str = Field(description="Input name, as in the ONNX graph (or the forward() argument order).")
+    shape: list[Union[int, str]] = Field(description="Dimensions; ints are fixed, strings name dynamic axes.")
+    dtype: Literal[DTYPES] = Field("float32", description="Element type.")  # type: ignore[valid-type]
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: list[int | str]) -> list[int | str]:
+        for d in shape:
+            if isinstance(d, int) and d <= 0:
+                raise ValueError(f"dimension {d} must be positive (use a name such as 'batch' for a dynamic axis)")
+            if isinstance(d, str) and not d.isidentifier():
+                raise ValueError(f"dynamic axis name {d!r} must be an identifier")
+        return shape
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """The shape with dynamic axes bound from ``dims``."""
+        try:
+            return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+        except KeyError as e:
+            raise ValueError(f"input {self.name!r}: no value for dynamic axis {e.args[0]!r}") from None
+
+
+class ModelSource(Strict):
+    """Where the model comes from and its input signature."""
+
+    source: str = Field(
+        description="An ONNX file (.onnx), a torch.export file (.pt2), or a PyTorch factory "
+        "'path/to/module.py:function' / 'package.module:function' returning an nn.Module."
+    )
+    name: str | None = Field(None, description="Model name in the store; defaults to the recipe name.")
+    checkpoint: str | None = Field(
+        None, description="A state_dict file loaded into the factory's module (weights_only=True: never runs code)."
+    )
+    inputs: list[InputSpec] = Field(
+        default_factory=list,
+        description="Input signature. Required for PyTorch sources; for ONNX it is read from the file and, "
+        "when given, checked against it.",
+    )
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset for PyTorch exports.")
+    batch_axis: str = Field("batch", description="The dynamic axis that benchmark batch sizes bind to.")
+    export_atol: float = Field(1e-4, gt=0, description="Tolerance of the export check against the PyTorch module.")
+
+    @property
+    def kind(self) -> Literal["onnx", "pt2", "torch"]:
+        if self.source.endswith(".onnx"):
+            return "onnx"
+        if self.source.endswith(".pt2"):
+            return "pt2"
+        return "torch"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSource":
+        if self.kind == "torch" and ":" not in self.source:
+            raise ValueError(
+                f"model source {self.source!r} is neither an .onnx/.pt2 file nor a 'module:function' factory"
+            )
+        if self.kind != "onnx" and not self.inputs:
+            raise ValueError("a PyTorch source needs an input signature: model.inputs (or --input name:shape)")
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names repeat: {names}")
+        return self
+
+
+class DataSource(Strict):
+    """Batches of inputs (and optional labels): a 'module:function' yielding batches, or an .npz file.
+
+    A function returns an iterable of ``dict`` batches mapping input names to arrays; the key
+    ``labels`` holds labels. An .npz holds one array per input name (and optionally ``labels``),
+    cut into batches of ``batch_size``.
+    """
+
+    source: str = Field(description="'path/to/data.py:function', 'package.module:function' or a .npz file.")
+    batch_size: int = Field(16, gt=0, description="Batch size when cutting an .npz into batches.")
+    max_batches: int | None = Field(None, gt=0, description="Use at most this many batches.")
+
+    @field_validator("source")
+    @classmethod
+    def _form(cls, v: str) -> str:
+        if not v.endswith(".npz") and ":" not in v:
+            raise ValueError(f"data source {v!r} must be a .npz file or 'module:function'")
+        return v
+
+
+BUILTIN_METRICS = ("accuracy", "top1-agreement", "cosine")
+
+
+class Evaluation(DataSource):
+    """The evaluation data and the metric that scores a model on it."""
+
+    metric: str = Field(
+        "cosine",
+        description="'accuracy' (argmax of the first output vs labels), 'top1-agreement' (argmax vs the "
+        "original model's), 'cosine' (mean cosine similarity of outputs to the original's), or a "
+        "'module:function(outputs: dict[str, ndarray], labels) -> float' (higher is better).",
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in BUILTIN_METRICS and ":" not in v:
+            raise ValueError(f"unknown metric {v!r}; choose from {', '.join(BUILTIN_METRICS)} or 'module:function'")
+        return v
+
+
+class Data(Strict):
+    calibration: DataSource | None = Field(None, description="Data for calibration (quantization) and fine-tuning.")
+    evaluation: Evaluation | None = Field(None, description="Data and metric for the accuracy budget and the manifest.")
+
+
+class AccuracyBudget(Strict):
+    max_drop: float = Field(
+        0.01, ge=0, description="Largest allowed drop of the evaluation metric below the original model's (absolute)."
+    )
+    on_violation: Literal["fail", "skip"] = Field(
+        "fail", description="What a pass that breaks the budget does: fail the build (exit 3) or be skipped."
+    )
+
+
+class GraphOptimizePass(Strict):
+    """Portable graph clean-up: constant folding, dead-code and identity removal, shape inference.
+
+    The result is standard ONNX that every backend reads.
+    """
+
+    kind: Literal["graph-optimize"]
+    name: str | None = Field(None, description="Label of this step in reports (defaults to the kind).")
+    on_violation: Literal["fail", "skip"] | None = Field(None, description="Overrides accuracy.on_violation.")
+    fold_constants: bool = Field(True, description="Fold constant subgraphs into initializers.")
+
+
+PassStep = Annotated[Union[GraphOptimizePass], Field(discriminator="kind")]
+
+
+class Tuning(Strict):
+    trials: int = Field(0, ge=0, description="MetaSchedule trials for TVM builds (0: no tuning).")
+    timeout_s: int = Field(180, gt=0, description="Per-candidate build timeout for tuning workers.")
+
+
+class Benchmark(Strict):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="Batch sizes to measure.")
+    warmup: int = Field(5, ge=0, description="Untimed runs before timing.")
+    runs: int = Field(50, gt=0, description="Timed runs per batch size (at most).")
+    max_seconds: float = Field(
+        20.0, gt=0, description="Time budget per (build, batch size); fewer runs are recorded if it runs out."
+    )
+    threads: int = Field(2, gt=0, description="Intra-op threads every backend uses while measured.")
+    dims: dict[str, int] = Field(default_factory=dict, description="Values of dynamic axes other than the batch axis.")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(b <= 0 for b in v):
+            raise ValueError("batch_sizes must be a non-empty list of positive integers")
+        return sorted(set(v))
+
+
+class Recipe(Strict):
+    """One compile job. ``mlopt recipe schema`` prints this as JSON Schema."""
+
+    schema_version: Literal[1] = Field(1, description="Recipe schema version.")
+    name: str = Field(description="Recipe name; also the model name in the store unless model.name is set.")
+    model: ModelSource
+    data: Data = Field(default_factory=Data)
+    passes: list[PassStep] = Field(default_factory=list, description="Ordered compression/optimization passes.")
+    accuracy: AccuracyBudget = Field(default_factory=AccuracyBudget)
+    targets: list[str] = Field(default_factory=lambda: ["cpu-x86-64-v4"], description="SKU names from the catalog.")
+    backends: list[str] | None = Field(
+        None, description="Restrict backends to these (default: each SKU's backend order from the catalog)."
+    )
+    tuning: Tuning = Field(default_factory=Tuning)
+    benchmark: Benchmark = Field(default_factory=Benchmark)
+    output: str = Field("out", description="Directory for the run's manifest and build links.")
+    store: str | None = Field(None, description="Artifact store folder (default: $MLOPT_STORE or ~/.cache/mlopt/store).")
+    catalog: str | None = Field(None, description="A SKU catalog file replacing the bundled one.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("name must be letters, digits, '.', '_' or '-' (up to 128), starting with a letter or digit")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("targets must name at least one SKU (see `mlopt targets`)")
+        return list(dict.fromkeys(v))
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name or self.name
+
+    def resolve_paths(self, base: Path) -> "Recipe":
+        """Return a copy whose relative file paths are resolved against ``base`` (the recipe's folder)."""
+        def fix(p: str | None) -> str | None:
+            return _resolve(p, base)
+
+        model = self.model.model_copy(update={"source": fix(self.model.source), "checkpoint": fix(self.model.checkpoint)})
+        data = self.data.model_copy(update={
+            k: getattr(self.data, k).model_copy(update={"source": fix(getattr(self.data, k).source)})
+            for k in ("calibration", "evaluation") if getattr(self.data, k) is not None
+        })
+        ev = data.evaluation
+        if ev is not None and ":" in ev.metric:
+            data = data.model_copy(update={"evaluation": ev.model_copy(update={"metric": fix(ev.metric)})})
+        dirs = {k: str((base / getattr(self, k)).resolve()) for k in ("output", "store", "catalog")
+                if getattr(self, k) is not None and not Path(getattr(self, k)).expanduser().is_absolute()
+                and not getattr(self, k).startswith("~")}
+        return self.model_copy(update={"model": model, "data": data, **dirs})
+
+
+def _resolve(p: str | None, base: Path) -> str | None:
+    """Resolve a file path, or the file part of 'file.py:function', against ``base``."""
+    if p is None:
+        return None
+    file, sep, func = p.rpartition(":") if p.count(":") == 1 and not p.endswith((".onnx", ".pt2", ".npz")) else (p, "", "")
+    if not sep:
+        file = p
+    looks_like_file = file.endswith((".py", ".onnx", ".pt2", ".npz", ".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_file and not Path(file).is_absolute():
+        file = str((base / file).resolve())
+    return f"{file}{sep}{func}"

@@ -1,0 +1,84 @@
+"""Backends turn a Model into a build for one SKU. Heavy backends import lazily from a static table."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal
+
+import numpy as np
+
+from mlopt.compiler.model import Model
+from mlopt.errors import UnknownName
+from mlopt.targets.catalog import SKU
+
+BACKENDS: dict[str, str] = {
+    "onnxruntime": "mlopt.targets.ort:OrtBackend",
+    "tvm": "mlopt.targets.tvm:TVMBackend",
+}
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What a backend can do for a SKU on this machine."""
+
+    build: Literal["here", "cross", "no"]
+    run: bool  # can the build be executed (validated, measured) on this machine?
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model: Model
+    sku: SKU
+    threads: int
+    tuning_trials: int
+    tuning_timeout_s: int
+    tuning_dir: Path  # shared tuning records (reused across builds by workload)
+    batch_axis: str
+    dims: dict[str, int]
+
+
+class Backend(ABC):
+    """One code generator. Subclasses are registered in ``BACKENDS``."""
+
+    name: ClassVar[str]
+    atol: ClassVar[float] = 1e-4  # validation tolerance against the reference outputs
+    rtol: ClassVar[float] = 1e-3
+
+    @abstractmethod
+    def availability(self, sku: SKU, host_runs_sku: bool) -> Availability:
+        """Whether this backend can build (and run) for ``sku`` here."""
+
+    @abstractmethod
+    def build(self, req: BuildRequest, out: Path) -> dict[str, Any]:
+        """Write the artifact's files into ``out``; return its metadata (precision, entry point ...)."""
+
+    @abstractmethod
+    def load(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
+        """A callable running the built artifact on a feed."""
+
+    @abstractmethod
+    def toolchain(self) -> dict[str, str]:
+        """Versions that change this backend's output (part of the artifact key)."""
+
+
+def get_backend(name: str) -> Backend:
+    """Instantiate a backend by name (imports its module only now)."""
+    if name not in BACKENDS:
+        raise UnknownName(f"unknown backend {name!r}; choose from {', '.join(sorted(BACKENDS))}")
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
