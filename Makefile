@@ -1,0 +1,34 @@
+# Both main targets work on a fresh machine with only Python 3.11: they create .venv and install.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test setup bench schemas clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# the CPU build of torch 2.13.0 (on local disk here); installing it first keeps pip from a CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev,examples,tune]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+demo: $(STAMP)
+	$(BIN)/mlopt compile examples/digits/recipe.yaml
+	$(BIN)/mlopt manifest show out/digits/manifest.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/compare.py
+
+# Regenerate the shipped JSON Schemas after changing mlopt/manifest.py (a test checks they match).
+schemas: $(STAMP)
+	$(BIN)/python -c "import json; from mlopt.manifest import manifest_schema, SCHEMA_FILE; SCHEMA_FILE.write_text(json.dumps(manifest_schema(), indent=2) + '\n')"
+
+clean:
+	rm -rf out .mlopt-store .pytest_cache

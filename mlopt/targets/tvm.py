@@ -1,0 +1,187 @@
+"""TVM backend (Relax, LLVM targets): an ``export_library`` shared library plus the entry file to call it.
+
+CPU SKUs the machine can run are built and validated here; other CPU architectures (aarch64) are
+cross-compiled for real with a cross linker, and the library's ELF machine is checked. With a
+tuning budget, MetaSchedule tunes one static-shape library per benchmark batch size, storing the
+records in a database shared by every build, so a workload tuned once is never tuned again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlopt.errors import BackendUnavailable, UnsupportedOperator
+from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
+from mlopt.targets.catalog import SKU
+
+ENTRY_FILE = "tvm_entry.json"
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
+CROSS_LINKERS = {"aarch64": ["aarch64-linux-gnu-gcc", "ld.lld", "ld.lld-19", "ld.lld-18", "ld.lld-17"]}
+
+RUN_SCRIPT = '''"""Run this TVM build with the TVM runtime alone: python run_tvm.py inputs.npz outputs.npz"""
+import json, os, sys
+from pathlib import Path
+import numpy as np
+import tvm
+from tvm import relax
+
+here = Path(__file__).parent
+entry = json.loads((here / "tvm_entry.json").read_text())
+feed = dict(np.load(sys.argv[1]))
+batch = feed[entry["inputs"][0]].shape[0]
+lib_file = entry["tuned"].get(str(batch), entry["library"])
+vm = relax.VirtualMachine(tvm.runtime.load_module(str(here / lib_file)), tvm.cpu())
+out = vm[entry["function"]](*[tvm.runtime.tensor(feed[n]) for n in entry["inputs"]])
+outs = [out] if hasattr(out, "numpy") else list(out)
+np.savez(sys.argv[2], **{n: o.numpy() for n, o in zip(entry["outputs"], outs)})
+'''
+
+
+def elf_machine(path: Path) -> int:
+    """e_machine of an ELF file (62 x86-64, 183 aarch64)."""
+    head = path.read_bytes()[:20]
+    if head[:4] != b"\x7fELF":
+        raise BackendUnavailable(f"{path.name} is not an ELF shared library")
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
+def _cross_linker(machine: str) -> str | None:
+    for tool in CROSS_LINKERS.get(machine, []):
+        if shutil.which(tool):
+            return tool
+    return None
+
+
+class TVMBackend(Backend):
+    name = "tvm"
+    atol = 1e-4
+    rtol = 1e-3
+
+    def availability(self, sku: SKU, host_runs_sku: bool) -> Availability:
+        if sku.tvm_target is None or sku.tvm_target.get("kind") != "llvm":
+            return Availability("no", False, f"{sku.name} has no TVM LLVM target (GPU targets come with GPU support)")
+        if host_runs_sku:
+            return Availability("here", True)
+        if os.uname().machine == sku.machine:
+            return Availability("cross", False, f"this CPU cannot run {sku.arch} code; built, not measured")
+        if _cross_linker(sku.machine) is None:
+            return Availability("no", False, f"cross-compiling for {sku.machine} needs a linker: "
+                                "apt-get install gcc-aarch64-linux-gnu (or lld)")
+        return Availability("cross", False, f"cross-compiled for {sku.machine}; run it on a {sku.name} machine")
+
+    # ------------------------------------------------------------ build
+    def build(self, req: BuildRequest, out: Path) -> dict[str, Any]:
+        import onnx
+
+        proto = onnx.load(str(req.model.onnx_path))
+        _check_ops(proto)
+        target_dict = dict(req.sku.tvm_target or {})
+        library = "model.so"
+        self._compile(proto, None, target_dict, out / library, req)
+        tuned, details = {}, {"target": target_dict, "tuning_trials": req.tuning_trials}
+        if req.tuning_trials > 0:
+            from mlopt.targets.tvm_tune import tune_static
+
+            tuned, details["tuning"] = tune_static(proto, req, target_dict, out, self._compile)
+        entry = {
+            "library": library, "function": "main", "tuned": tuned,
+            "inputs": [i.name for i in req.model.inputs], "outputs": list(req.model.outputs),
+            "target": target_dict, "machine": req.sku.machine,
+            "runtime": {"package": "apache-tvm", "version": package_version("apache-tvm"),
+                        "note": "needs only the TVM runtime library (TVM_USE_RUNTIME_LIB=1)"},
+        }
+        (out / ENTRY_FILE).write_text(json.dumps(entry, indent=2))
+        (out / "run_tvm.py").write_text(RUN_SCRIPT)
+        return {"precision": "float32", "entry": ENTRY_FILE, "format": "tvm-relax-vm", "details": details}
+
+    def _compile(self, proto: Any, shapes: dict[str, list[int]] | None, target_dict: dict[str, Any], dest: Path,
+                 req: BuildRequest, database: Any = None) -> None:
+        import tvm
+        from tvm import relax
+        from tvm.relax.frontend.onnx import from_onnx
+
+        mod = _import(proto, shapes, from_onnx)
+        target = tvm.target.Target(target_dict)
+        with target:
+            mod = relax.get_pipeline("zero")(mod)  # legalize and fuse: the default pipeline does not fuse on CPU
+        if database is not None:
+            with target, database, tvm.transform.PassContext(opt_level=3):
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        ex = tvm.compile(mod, target=target)
+        ex.export_library(str(dest), **_linker(req.sku.machine))
+        got = elf_machine(dest)
+        if got != ELF_MACHINES[req.sku.machine]:
+            raise BackendUnavailable(f"TVM built {dest.name} for ELF machine {got}, not {req.sku.machine}")
+
+    # ------------------------------------------------------------ run
+    def load(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
+        import tvm
+        from tvm import relax
+
+        entry = json.loads((artifact / meta["entry"]).read_text())
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        dev = tvm.cpu()
+
+        def vm_for(lib_file: str) -> Any:
+            return relax.VirtualMachine(tvm.runtime.load_module(str(artifact / lib_file)), dev)
+
+        default = vm_for(entry["library"])
+        tuned = {int(b): vm_for(f) for b, f in entry["tuned"].items()}
+        names, fn = entry["inputs"], entry["function"]
+
+        def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            vm = tuned.get(len(feed[names[0]]), default)
+            res = vm[fn](*[tvm.runtime.tensor(feed[n], dev) for n in names])
+            outs = [res] if hasattr(res, "numpy") else list(res)
+            return {n: o.numpy() for n, o in zip(entry["outputs"], outs)}
+
+        return run
+
+    def toolchain(self) -> dict[str, str]:
+        return {"apache-tvm": package_version("apache-tvm"), "apache-tvm-ffi": package_version("apache-tvm-ffi")}
+
+
+def _check_ops(proto: Any) -> None:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = _get_convert_map()
+    missing = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type not in known})
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if missing or foreign:
+        raise UnsupportedOperator(
+            f"TVM {package_version('apache-tvm')}'s ONNX frontend cannot lower {', '.join(missing + foreign)}",
+            hint="use the onnxruntime backend for this model, or replace the operator in the model",
+        )
+
+
+def _import(proto: Any, shapes: dict[str, list[int]] | None, from_onnx: Any) -> Any:
+    try:
+        return from_onnx(proto, shape_dict=shapes, keep_params_in_input=False)
+    except Exception as e:  # the frontend raises many types; name the failure, keep the message
+        raise UnsupportedOperator(f"TVM's ONNX frontend failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+
+
+def _linker(machine: str) -> dict[str, Any]:
+    """export_library options: the host compiler natively, a cross linker for another machine."""
+    if os.uname().machine == machine:
+        return {}
+    tool = _cross_linker(machine)
+    if tool is None:
+        raise BackendUnavailable(f"no linker for {machine}", hint="apt-get install gcc-aarch64-linux-gnu")
+    if "gcc" in tool:
+        from tvm.support import cc
+
+        return {"fcompile": cc.cross_compiler(tool)}
+
+    def lld_shared(output: str, objects: list[str], options: Any = None) -> None:
+        subprocess.run([tool, "-shared", "-o", output, *objects], check=True)
+
+    lld_shared.output_format = "so"  # type: ignore[attr-defined]
+    return {"fcompile": lld_shared}

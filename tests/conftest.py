@@ -1,0 +1,76 @@
+"""Shared fixtures: small models built in code, a fast benchmark plan, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+FAST_BENCH = {"batch_sizes": [1, 4], "warmup": 1, "runs": 5, "max_seconds": 2.0, "threads": 1}
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def digits_recipe(tmp: Path, **changes) -> Path:
+    """The digits example recipe, copied with a fast benchmark plan and folders under ``tmp``."""
+    data = yaml.safe_load((EXAMPLES / "digits" / "recipe.yaml").read_text())
+    data["model"]["source"] = str(EXAMPLES / "digits" / "model.py:trained")
+    for k in ("calibration", "evaluation"):
+        src = data["data"][k]["source"]
+        data["data"][k]["source"] = str(EXAMPLES / "digits" / src)
+    data["benchmark"] = dict(FAST_BENCH)
+    data["output"] = str(tmp / "out")
+    data["store"] = str(tmp / "store")
+    data.update(changes)
+    return write_recipe(tmp / "recipe.yaml", data)
+
+
+def tiny_onnx(path: Path, batch: str | int = "batch", op: str = "Relu") -> Path:
+    """x[batch,4] -> MatMul(W) + b -> op -> y, built with onnx.helper (no torch)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "B")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["a"]),
+             helper.make_node(op, ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_build(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One real compile of the digits example (ONNX Runtime + TVM, x86 and aarch64), shared by tests."""
+    from typer.testing import CliRunner
+
+    from mlopt.cli import app
+
+    tmp = tmp_path_factory.mktemp("digits")
+    recipe = digits_recipe(tmp)
+    result = CliRunner().invoke(app, ["compile", str(recipe)])
+    return {"tmp": tmp, "recipe": recipe, "result": result, "store": tmp / "store", "out": tmp / "out"}
+
+
+@pytest.fixture(autouse=True)
+def _no_user_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tests never touch the user's ~/.cache store."""
+    monkeypatch.setenv("MLOPT_STORE", str(tmp_path / "default-store"))

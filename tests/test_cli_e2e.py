@@ -1,0 +1,130 @@
+"""End to end: `mlopt compile` on the digits example through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+from typer.testing import CliRunner
+
+from mlopt.cli import app
+from mlopt.manifest import SCHEMA_FILE, manifest_schema
+
+runner = CliRunner()
+
+
+def _manifest(build: dict) -> dict:
+    return json.loads((build["out"] / "manifest.json").read_text())
+
+
+def test_compile_succeeds_and_writes_valid_manifest(digits_build: dict) -> None:
+    res = digits_build["result"]
+    assert res.exit_code == 0, res.output
+    m = _manifest(digits_build)
+    jsonschema.validate(m, json.loads(SCHEMA_FILE.read_text()))
+    assert m["schema_version"] == "1.0" and m["status"] == "ok"
+    assert [e["sku"] for e in m["entries"]] == ["cpu-x86-64-v4", "cpu-aarch64-neoverse-v1"]
+
+
+def test_x86_entry_is_measured_and_accurate(digits_build: dict) -> None:
+    entry = _manifest(digits_build)["entries"][0]
+    assert entry["chosen_backend"] in {"onnxruntime", "tvm"}
+    meas = entry["measurement"]
+    assert [b["batch_size"] for b in meas["batches"]] == [1, 4]
+    for b in meas["batches"]:
+        assert 0 < b["p50_ms"] <= b["p90_ms"] <= b["p99_ms"] and b["runs"] >= 3
+    assert meas["provenance"]["host"]["cpu"] and meas["provenance"]["threads"] == 2
+    assert meas["accuracy"]["metric"] == "accuracy" and meas["accuracy"]["value"] > 0.95
+    assert meas["accuracy"]["within_budget"]
+    assert entry["cost"]["usd_per_million"] > 0
+    built = [c for c in entry["candidates"] if c["status"] == "built"]
+    assert {c["backend"] for c in built} == {"onnxruntime", "tvm"}
+    for c in built:
+        assert c["validation"]["status"] == "passed" and c["validation"]["max_abs_diff"] < 1e-3
+    fastest = min(built, key=lambda c: c["measurement"]["batches"][0]["p50_ms"] * c["measurement"]["batches"][1]["p50_ms"])
+    assert entry["chosen_backend"] == fastest["backend"]
+
+
+def test_cross_entry_has_no_figures(digits_build: dict) -> None:
+    entry = _manifest(digits_build)["entries"][1]
+    assert entry["measurement"] is None and entry["cost"] is None
+    for c in entry["candidates"]:
+        assert c["status"] == "built" and c["compiled"] == "cross"
+        assert c["validation"]["status"] == "not-run" and c["measurement"] is None
+
+
+def test_artifact_files_match_digests(digits_build: dict) -> None:
+    from mlopt.store import Store, sha256_file
+
+    store = Store(digits_build["store"])
+    for entry in _manifest(digits_build)["entries"]:
+        art = store.get(entry["artifact"]["key"])
+        assert art is not None
+        for rel, info in art.meta["files"].items():
+            assert sha256_file(art.path / rel) == info["sha256"]
+
+
+def test_rerun_is_served_from_the_store(digits_build: dict) -> None:
+    res = runner.invoke(app, ["compile", str(digits_build["recipe"]), "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    cands = [c for e in m["entries"] for c in e["candidates"] if c["status"] == "built"]
+    assert cands and all(c["cached"] for c in cands)
+    assert m["stage_seconds"]["ingest"] < 2.0
+
+
+def test_artifacts_commands(digits_build: dict) -> None:
+    store = str(digits_build["store"])
+    res = runner.invoke(app, ["artifacts", "list", "--store", store, "--json"])
+    rows = json.loads(res.stdout)
+    assert res.exit_code == 0 and len(rows) == 4 and {r["version"] for r in rows} == {1}
+    key = rows[0]["id"]
+    show = runner.invoke(app, ["artifacts", "show", key[:10], "--store", store])
+    assert show.exit_code == 0 and json.loads(show.stdout)["key"] == key
+    ok = runner.invoke(app, ["artifacts", "verify", "--store", store])
+    assert ok.exit_code == 0 and "4 ok, 0 damaged" in ok.stdout
+    missing = runner.invoke(app, ["artifacts", "show", "ffffffffff", "--store", store])
+    assert missing.exit_code == 2 and "no artifact" in missing.output
+
+
+def test_manifest_show_and_schema(digits_build: dict) -> None:
+    res = runner.invoke(app, ["manifest", "show", str(digits_build["out"] / "manifest.json")])
+    assert res.exit_code == 0 and "cpu-x86-64-v4" in res.stdout
+    schema = runner.invoke(app, ["manifest", "schema"])
+    assert json.loads(schema.stdout) == json.loads(SCHEMA_FILE.read_text())
+
+
+def test_shipped_schema_matches_models() -> None:
+    assert json.loads(SCHEMA_FILE.read_text()) == json.loads(json.dumps(manifest_schema())), \
+        "run `make schemas` after changing mlopt/manifest.py"
+
+
+def test_manifest_show_rejects_invalid(tmp_path: Path) -> None:
+    bad = tmp_path / "m.json"
+    bad.write_text(json.dumps({"schema_version": "1.0"}))
+    res = runner.invoke(app, ["manifest", "show", str(bad)])
+    assert res.exit_code == 2 and "does not match schema" in res.output
+
+
+def test_targets_and_doctor() -> None:
+    res = runner.invoke(app, ["targets", "--json"])
+    assert res.exit_code == 0
+    names = [s["name"] for s in json.loads(res.stdout)["skus"]]
+    assert "cpu-x86-64-v4" in names and "cpu-aarch64-neoverse-v1" in names
+    doc = runner.invoke(app, ["doctor", "--json"])
+    assert doc.exit_code == 0
+    report = json.loads(doc.stdout)
+    assert report["host"]["machine"] and "onnxruntime" in report["toolchains"]
+    assert report["skus"]["cpu-aarch64-neoverse-v1"]["runs_here"] is False
+
+
+def test_help_does_not_import_heavy_libraries() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; from mlopt.cli import app; import typer.testing as t; " \
+           "t.CliRunner().invoke(app, ['--help']); " \
+           "print(sorted(m for m in ('torch', 'tvm', 'onnxruntime', 'onnx') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
