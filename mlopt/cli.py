@@ -146,7 +146,8 @@ def compile_cmd(
     passes: list[str] = typer.Option([], "--pass", "-p", help="Pass kinds to run, in order (replaces the recipe's)."),
     model_name: Optional[str] = typer.Option(None, "--name", help="Model name in the store."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for the manifest."),
-    store: Optional[Path] = typer.Option(None, "--store", envvar="MLOPT_STORE", help="Artifact store folder."),
+    store: Optional[Path] = typer.Option(
+        None, "--store", help="Artifact store folder (over the recipe's store, then $MLOPT_STORE)."),
     catalog: Optional[Path] = typer.Option(None, "--catalog", help="A SKU catalog file."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Benchmark batch sizes, e.g. 1,8."),
     runs: Optional[int] = typer.Option(None, "--runs", help="Timed runs per batch size."),

@@ -70,7 +70,7 @@ def test_rerun_is_served_from_the_store(digits_build: dict) -> None:
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
     cands = [c for e in m["entries"] for c in e["candidates"] if c["status"] == "built"]
-    assert cands and all(c["cached"] for c in cands)
+    assert cands and all(c["cached"] for c in cands), [(e["sku"], c["backend"], c["cached"], c["reason"]) for e in m["entries"] for c in e["candidates"]]
     assert m["stage_seconds"]["ingest"] < 2.0
 
 
