@@ -119,7 +119,7 @@ def graph_inputs(proto: Any) -> list[InputSpec]:
             else:
                 dims.append(_axis_name(d.dim_param, inp.name, k))
         dtype = ONNX_TO_NUMPY.get(tt.elem_type)
-        if dtype is None or dtype == "float64":
+        if dtype is None:
             raise ModelLoadError(f"input {inp.name!r} has an element type mlopt does not handle ({tt.elem_type})")
         specs.append(InputSpec(name=inp.name, shape=dims, dtype=dtype))
     return specs

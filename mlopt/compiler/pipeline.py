@@ -360,7 +360,8 @@ def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, thre
     plan = run.recipe.benchmark
     req = BuildRequest(model=model, sku=sku, threads=threads, tuning_trials=run.recipe.tuning.trials,
                        tuning_timeout_s=run.recipe.tuning.timeout_s,
-                       tuning_dir=run.store.root / "tuning", batch_axis=run.recipe.model.batch_axis, dims=plan.dims)
+                       tuning_dir=run.store.root / "tuning", batch_axis=run.recipe.model.batch_axis, dims=plan.dims,
+                       batch_sizes=tuple(plan.batch_sizes))
     with run.store.staging() as tmp:
         files = tmp / "artifact"
         files.mkdir()

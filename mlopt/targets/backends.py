@@ -41,6 +41,7 @@ class BuildRequest:
     tuning_dir: Path  # shared tuning records (reused across builds by workload)
     batch_axis: str
     dims: dict[str, int]
+    batch_sizes: tuple[int, ...] = (1,)  # the benchmark plan's; tuned builds specialise to these
 
 
 class Backend(ABC):

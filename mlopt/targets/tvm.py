@@ -21,6 +21,10 @@ from mlopt.errors import BackendUnavailable, UnsupportedOperator
 from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
 from mlopt.targets.catalog import SKU
 
+# TVM sizes its thread pool once, from TVM_NUM_THREADS, when the runtime starts: without it, it uses
+# half the cores on x86 and config_threadpool can only lower that. Set it before tvm is imported.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
 ENTRY_FILE = "tvm_entry.json"
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 CROSS_LINKERS = {"aarch64": ["aarch64-linux-gnu-gcc", "ld.lld", "ld.lld-19", "ld.lld-18", "ld.lld-17"]}
@@ -30,14 +34,14 @@ import json, os, sys
 from pathlib import Path
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime.vm import VirtualMachine  # runtime only: works with TVM_USE_RUNTIME_LIB=1
 
 here = Path(__file__).parent
 entry = json.loads((here / "tvm_entry.json").read_text())
 feed = dict(np.load(sys.argv[1]))
 batch = feed[entry["inputs"][0]].shape[0]
 lib_file = entry["tuned"].get(str(batch), entry["library"])
-vm = relax.VirtualMachine(tvm.runtime.load_module(str(here / lib_file)), tvm.cpu())
+vm = VirtualMachine(tvm.runtime.load_module(str(here / lib_file)), tvm.cpu())
 out = vm[entry["function"]](*[tvm.runtime.tensor(feed[n]) for n in entry["inputs"]])
 outs = [out] if hasattr(out, "numpy") else list(out)
 np.savez(sys.argv[2], **{n: o.numpy() for n, o in zip(entry["outputs"], outs)})
@@ -123,14 +127,14 @@ class TVMBackend(Backend):
     # ------------------------------------------------------------ run
     def load(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine
 
         entry = json.loads((artifact / meta["entry"]).read_text())
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
         dev = tvm.cpu()
 
         def vm_for(lib_file: str) -> Any:
-            return relax.VirtualMachine(tvm.runtime.load_module(str(artifact / lib_file)), dev)
+            return VirtualMachine(tvm.runtime.load_module(str(artifact / lib_file)), dev)
 
         default = vm_for(entry["library"])
         tuned = {int(b): vm_for(f) for b, f in entry["tuned"].items()}

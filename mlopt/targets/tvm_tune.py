@@ -1,0 +1,127 @@
+"""MetaSchedule tuning for TVM builds, with records shared by every build that targets the same CPU.
+
+MetaSchedule needs static shapes, so each benchmark batch size gets its own library, tuned and
+compiled with the database applied; the dynamic-shape library stays as the fallback for other
+batch sizes. Workloads already tuned in the database (matched by structural hash) are not tuned
+again, so a second build with the same workloads spends no trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from mlopt.errors import BackendUnavailable
+from mlopt.store import key_of
+from mlopt.targets.backends import BuildRequest
+
+FAILED_RUN = 1e9  # MetaSchedule stores failed trials with run_secs = 1e10
+
+
+def _builder_init() -> None:
+    """Import once per builder worker, outside the build timeout (the import takes 15-50 s)."""
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """MetaSchedule prints its task tables to file descriptor 1; keep stdout clean for --json."""
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def tune_static(proto: Any, req: BuildRequest, target_dict: dict[str, Any], out: Path,
+                compile_fn: Callable[..., None]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Tune and compile one static library per benchmark batch size; return ({batch: file}, report)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    target = {**target_dict, "num-cores": req.threads}
+    db_dir = req.tuning_dir / key_of(target)[:20]
+    sizes = sorted(req.batch_sizes)
+    per_size = max(1, math.ceil(req.tuning_trials / len(sizes)))
+    tuned_files, report = {}, {"database": str(db_dir), "batches": []}
+    with _locked(db_dir), _stdout_to_stderr():
+        db = ms.database.JSONDatabase(work_dir=str(db_dir))
+        for b in sizes:
+            shapes = {i.name: list(i.concrete({**req.dims, req.batch_axis: b})) for i in req.model.inputs}
+            entry = _tune_one(proto, shapes, target, db, db_dir, per_size, req.tuning_timeout_s)
+            name = f"model_b{b}.so"
+            compile_fn(proto, shapes, target, out / name, req, database=db)
+            tuned_files[str(b)] = name
+            report["batches"].append({"batch_size": b, **entry})
+    return tuned_files, report
+
+
+def _tune_one(proto: Any, shapes: dict[str, list[int]], target_dict: dict[str, Any], db: Any, db_dir: Path,
+              trials: int, timeout_s: int) -> dict[str, Any]:
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tvm.target.Target(target_dict)
+    mod = from_onnx(proto, shape_dict=shapes, keep_params_in_input=False)
+    with target:
+        mod = relax.get_pipeline("zero")(mod)  # tasks are the fused call_tir functions
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    todo = [t for t in tasks if not _is_tuned(db, t.dispatched[0])]
+    report = {"tasks": len(tasks), "already_tuned": len(tasks) - len(todo), "tuned_now": 0,
+              "trials_ok": 0, "trials_failed": 0, "seconds": 0.0}
+    if not todo:
+        return report
+    t0 = time.perf_counter()
+    before = _counts(db)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted_tasks=todo, work_dir=str(db_dir), seed=0)
+    ms.tune.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
+        max_trials_per_task=max(1, math.ceil(trials / len(todo))), num_trials_per_iter=min(16, trials),
+        builder=ms.builder.LocalBuilder(timeout_sec=timeout_s, max_workers=1, initializer=_builder_init),
+        runner=ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(
+            number=3, repeat=1, min_repeat_ms=0)),
+        database=db,
+    )
+    ok, failed = (a - b for a, b in zip(_counts(db), before))
+    report.update(tuned_now=sum(_is_tuned(db, t.dispatched[0]) for t in todo), trials_ok=ok, trials_failed=failed,
+                  seconds=round(time.perf_counter() - t0, 2))
+    if ok == 0:
+        raise BackendUnavailable(
+            f"MetaSchedule ran {failed} trials and none built and ran; tuning would silently do nothing",
+            hint=f"raise tuning.timeout_s (now {timeout_s}s) or see the logs in {db_dir}/logs",
+        )
+    return report
+
+
+def _is_tuned(db: Any, prim_mod: Any) -> bool:
+    return bool(db.has_workload(prim_mod) and db.get_top_k(db.commit_workload(prim_mod), 1))
+
+
+def _counts(db: Any) -> tuple[int, int]:
+    recs = db.get_all_tuning_records()
+    ok = sum(1 for r in recs if r.run_secs and all(float(s) < FAILED_RUN for s in r.run_secs))
+    return ok, len(recs) - ok

@@ -1,0 +1,164 @@
+"""The TVM backend: real libraries for the SKU's machine, tuning records reused, the ONNX node tests."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_onnx
+from mlopt.cli import app
+from mlopt.store import Store
+from mlopt.targets.tvm import elf_machine
+
+runner = CliRunner()
+
+
+def _candidate(manifest: dict, sku: str, backend: str) -> dict:
+    entry = next(e for e in manifest["entries"] if e["sku"] == sku)
+    return next(c for c in entry["candidates"] if c["backend"] == backend)
+
+
+def test_libraries_hold_code_for_the_skus_machine(digits_build: dict) -> None:
+    manifest = json.loads((digits_build["out"] / "manifest.json").read_text())
+    store = Store(digits_build["store"])
+    for sku, machine in (("cpu-x86-64-v4", 62), ("cpu-aarch64-neoverse-v1", 183)):
+        art = store.get(_candidate(manifest, sku, "tvm")["artifact"]["key"])
+        entry = json.loads((art.path / "tvm_entry.json").read_text())
+        assert elf_machine(art.path / entry["library"]) == machine
+        assert entry["inputs"] == ["x"] and (art.path / "run_tvm.py").is_file()
+
+
+def test_tvm_build_runs_with_the_runtime_alone(digits_build: dict, tmp_path: Path) -> None:
+    """The shipped run_tvm.py runs the library in a process that loads only TVM's runtime library."""
+    import subprocess
+    import sys
+
+    manifest = json.loads((digits_build["out"] / "manifest.json").read_text())
+    art = Store(digits_build["store"]).get(_candidate(manifest, "cpu-x86-64-v4", "tvm")["artifact"]["key"])
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    env = {"TVM_USE_RUNTIME_LIB": "1", "PATH": "/usr/bin:/bin"}
+    code = (f"import runpy, sys; sys.argv = ['run_tvm.py', '{tmp_path / 'in.npz'}', '{tmp_path / 'out.npz'}']; "
+            f"runpy.run_path('{art.path / 'run_tvm.py'}'); "
+            "maps = open('/proc/self/maps').read(); print('compiler' if 'libtvm_compiler' in maps else 'runtime-only')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("runtime-only")
+    from mlopt.compiler.ingest import run_onnx
+
+    ref = run_onnx(Path(json.loads((art.path / "artifact.json").read_text())["model_digest"] and
+                        next(Path(digits_build["store"]).glob("cache/pass/*/model.onnx"))), {"x": x})
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["output"], ref["output"], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_tuning_records_are_reused_by_workload(tmp_path: Path) -> None:
+    """A second build with the same workloads spends no tuning trials."""
+    model = tiny_onnx(tmp_path / "m.onnx")
+    args = ["--backend", "tvm", "--target", "cpu-x86-64-v4", "--trials", "4", "--batch-sizes", "2",
+            "--runs", "3", "--warmup", "0", "--store", str(tmp_path / "store"), "--json"]
+    first = runner.invoke(app, ["compile", str(model), "--out", str(tmp_path / "o1"), *args])
+    assert first.exit_code == 0, first.output
+    tuning = _candidate(json.loads(first.stdout), "cpu-x86-64-v4", "tvm")["details"]["tuning"]["batches"][0]
+    assert tuning["tasks"] >= 1 and tuning["tuned_now"] == tuning["tasks"] and tuning["trials_ok"] >= 1
+    # another model name: a new artifact, the same workloads -> nothing left to tune
+    second = runner.invoke(app, ["compile", str(model), "--name", "again", "--out", str(tmp_path / "o2"), *args])
+    assert second.exit_code == 0, second.output
+    cand = _candidate(json.loads(second.stdout), "cpu-x86-64-v4", "tvm")
+    reuse = cand["details"]["tuning"]["batches"][0]
+    assert not cand["cached"] and reuse["already_tuned"] == reuse["tasks"] and reuse["trials_ok"] == 0
+    assert cand["validation"]["status"] == "passed"
+
+
+# ---------------------------------------------------------------- ONNX backend test suite
+
+OPS = "add|relu|conv|matmul|gemm|softmax|maxpool|averagepool|batchnorm|reshape|transpose|concat|sigmoid|tanh|gather|flatten"
+
+
+class _MloptTVM:
+    """onnx.backend.base.Backend over mlopt's own TVM backend (build -> export_library -> load)."""
+
+    @classmethod
+    def make(cls):
+        import onnx.backend.base
+
+        from mlopt.compiler.ingest import read_onnx
+        from mlopt.targets.backends import BuildRequest
+        from mlopt.targets.catalog import load_catalog
+        from mlopt.targets.tvm import TVMBackend
+
+        sku = load_catalog().get("cpu-x86-64-v4")
+
+        class Rep(onnx.backend.base.BackendRep):
+            def __init__(self, run, names):
+                self._run, self._names = run, names
+
+            def run(self, inputs, **kwargs):
+                feed = dict(zip(self._names, [np.asarray(x) for x in inputs]))
+                return tuple(self._run(feed).values())
+
+        class Backend(onnx.backend.base.Backend):
+            @classmethod
+            def prepare(cls, model, device="CPU", **kwargs):
+                super().prepare(model, device, **kwargs)
+                work = Path(tempfile.mkdtemp())
+                onnx.save(model, str(work / "m.onnx"))
+                m = read_onnx(work / "m.onnx", [], "t")
+                req = BuildRequest(model=m, sku=sku, threads=1, tuning_trials=0, tuning_timeout_s=1,
+                                   tuning_dir=work, batch_axis="batch", dims={})
+                backend = TVMBackend()
+                (work / "a").mkdir()
+                meta = backend.build(req, work / "a")
+                return Rep(backend.load(work / "a", meta, 1), [i.name for i in m.inputs])
+
+            @classmethod
+            def supports_device(cls, device):
+                return device == "CPU"
+
+        return Backend
+
+
+def test_onnx_backend_node_tests_pass_rate(capsys: pytest.CaptureFixture) -> None:
+    import onnx.backend.test
+
+    bt = onnx.backend.test.BackendTest(_MloptTVM.make(), __name__)
+    bt.include(rf"^test_({OPS})(_.*)?_cpu$")
+    bt.exclude(r"_expanded|gather_elements|_training")
+    outcome: dict[str, str] = {}
+
+    class Result(unittest.TestResult):
+        def addSuccess(self, t):
+            outcome[t._testMethodName] = "pass"
+
+        def addFailure(self, t, e):
+            outcome[t._testMethodName] = "fail"
+
+        def addError(self, t, e):
+            outcome[t._testMethodName] = "error"
+
+        def addSkip(self, t, reason):
+            outcome[t._testMethodName] = "skip"
+
+    suite = unittest.defaultTestLoader.loadTestsFromTestCase(bt.test_cases["OnnxBackendNodeModelTest"])
+    suite.run(Result())
+    ran = {k: v for k, v in outcome.items() if v != "skip"}  # tests outside the chosen ops are skipped
+    by_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for name, result in ran.items():
+        by_op[re.match(rf"^test_({OPS})", name).group(1)][result] += 1
+    rate = sum(v == "pass" for v in ran.values()) / len(ran)
+    with capsys.disabled():
+        print(f"\nONNX backend node tests on mlopt's TVM backend: {sum(v == 'pass' for v in ran.values())}/"
+              f"{len(ran)} = {rate:.1%} (" + ", ".join(f"{op} {c['pass']}/{sum(c.values())}"
+                                                  for op, c in sorted(by_op.items())) + ")")
+    assert len(ran) > 100
+    for op in ("add", "relu", "conv", "matmul", "gemm", "softmax", "sigmoid", "tanh", "transpose", "concat"):
+        assert by_op[op]["pass"] == sum(by_op[op].values()) > 0, f"{op}: {by_op[op]}"
+    assert rate >= 0.85  # measured 2026-11: see the printed line; Reshape with a runtime shape input fails
