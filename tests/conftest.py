@@ -39,12 +39,12 @@ def digits_recipe(tmp: Path, **changes) -> Path:
     return write_recipe(tmp / "recipe.yaml", data)
 
 
-def tiny_onnx(path: Path, batch: str | int = "batch", op: str = "Relu") -> Path:
+def tiny_onnx(path: Path, batch: str | int = "batch", op: str = "Relu", seed: int = 0) -> Path:
     """x[batch,4] -> MatMul(W) + b -> op -> y, built with onnx.helper (no torch)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
     b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "B")
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "B"], ["a"]),

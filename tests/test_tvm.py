@@ -69,8 +69,9 @@ def test_tuning_records_are_reused_by_workload(tmp_path: Path) -> None:
     assert first.exit_code == 0, first.output
     tuning = _candidate(json.loads(first.stdout), "cpu-x86-64-v4", "tvm")["details"]["tuning"]["batches"][0]
     assert tuning["tasks"] >= 1 and tuning["tuned_now"] == tuning["tasks"] and tuning["trials_ok"] >= 1
-    # another model name: a new artifact, the same workloads -> nothing left to tune
-    second = runner.invoke(app, ["compile", str(model), "--name", "again", "--out", str(tmp_path / "o2"), *args])
+    # other weights: a new model and artifact, the same workloads -> nothing left to tune
+    other = tiny_onnx(tmp_path / "other.onnx", seed=1)
+    second = runner.invoke(app, ["compile", str(other), "--out", str(tmp_path / "o2"), *args])
     assert second.exit_code == 0, second.output
     cand = _candidate(json.loads(second.stdout), "cpu-x86-64-v4", "tvm")
     reuse = cand["details"]["tuning"]["batches"][0]

@@ -37,7 +37,8 @@ def _stdout_to_stderr() -> Iterator[None]:
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):  # its Python loggers write to sys.stdout too
+            yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
