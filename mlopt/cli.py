@@ -179,9 +179,13 @@ def compile_cmd(
         from mlopt.store import Store
 
         st = Store(recipe.store)
-        log = (lambda m: err.print(m, highlight=False, markup=False)) if as_json else \
-            (lambda m: out.print(m, highlight=False, markup=False))
-        with (err if as_json else out).status("compiling ...", spinner="dots"):
+        console = err if as_json else out  # with --json, stdout carries only the manifest
+        with console.status(f"compiling {recipe.name} ...", spinner="dots") as status:
+            def log(message: str) -> None:
+                console.print(message, highlight=False, markup=False)
+                if message.startswith("[stage] "):
+                    status.update(f"compiling {recipe.name}: {message[8:]} ...")
+
             result = build(recipe, st, log)
         if as_json:
             typer.echo(json.dumps(result.manifest.model_dump(mode="json"), indent=2))

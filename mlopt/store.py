@@ -137,8 +137,9 @@ class Store:
             return None
         return Artifact(key, dest, json.loads(meta.read_text()))
 
-    def put(self, key: str, files_dir: Path, meta: dict[str, Any]) -> Artifact:
-        """Commit the files in ``files_dir`` (a staging folder) as artifact ``key``."""
+    def put(self, key: str, files_dir: Path, meta: dict[str, Any], version: tuple[str, int] | None = None) -> Artifact:
+        """Commit the files in ``files_dir`` (a staging folder) as artifact ``key``, and link it to
+        ``version`` (model, number) under the same lock, so ``gc`` never sees it unreferenced."""
         files = {p.relative_to(files_dir).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(files_dir.rglob("*")) if p.is_file()}
         content = key_of({k: v["sha256"] for k, v in files.items()})
@@ -146,6 +147,8 @@ class Store:
         _write_json(files_dir / ARTIFACT_META, full)
         with self.lock():
             self._publish(files_dir, self.root / "objects" / key)
+            if version is not None:
+                self._link(*version, key)
         art = self.get(key)
         assert art is not None
         return art
@@ -217,11 +220,14 @@ class Store:
     def link(self, model: str, version: int, artifact_key: str) -> None:
         """Record that ``artifact_key`` belongs to ``model`` version ``version``."""
         with self.lock():
-            index = self._index()
-            for v in index["models"].get(model, {}).get("versions", []):
-                if v["version"] == version and artifact_key not in v["artifacts"]:
-                    v["artifacts"].append(artifact_key)
-            _write_json(self.root / "index.json", index)
+            self._link(model, version, artifact_key)
+
+    def _link(self, model: str, version: int, artifact_key: str) -> None:
+        index = self._index()
+        for v in index["models"].get(model, {}).get("versions", []):
+            if v["version"] == version and artifact_key not in v["artifacts"]:
+                v["artifacts"].append(artifact_key)
+        _write_json(self.root / "index.json", index)
 
     def models(self) -> dict[str, Any]:
         return self._index()["models"]

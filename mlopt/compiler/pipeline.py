@@ -328,7 +328,8 @@ def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int,
                   "sku": sku.model_dump(include={"name", "arch", "machine", "tvm_target", "dtypes"})})
     cand["compiled"] = avail.build
     try:
-        art, cached, validation, seconds = _artifact(run, model, sku, backend, key, threads, avail.run, why_not)
+        art, cached, validation, seconds = _artifact(run, model, sku, backend, key, threads, avail.run, why_not,
+                                                     version)
     except ValidationMismatch as e:
         run.log(f"[{sku.name}] {backend.name}: FAILED validation: {e}")
         return {**cand, "status": "failed", "reason": str(e),
@@ -352,7 +353,7 @@ def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int,
 
 
 def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, threads: int, runnable: bool,
-              why_not: str) -> tuple[Any, bool, dict[str, Any], float]:
+              why_not: str, version: int) -> tuple[Any, bool, dict[str, Any], float]:
     """The stored artifact for ``key``, building and validating it first on a miss."""
     art = run.store.checked(key)
     if art is not None:
@@ -375,7 +376,7 @@ def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, thre
             "backend": backend.name, "toolchain": backend.toolchain(), "validation": validation,
             "build_seconds": seconds, "signature": [i.model_dump() for i in model.inputs],
             "outputs": list(model.outputs),
-        })
+        }, version=(run.recipe.model_name, version))
     return art, False, validation, seconds
 
 

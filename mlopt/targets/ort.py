@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlopt.compiler.model import onnx_files
 from mlopt.errors import BackendUnavailable
 from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
 from mlopt.targets.catalog import SKU
@@ -34,6 +35,9 @@ class OrtBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         opts.optimized_model_filepath = str(out / "model.onnx")
         opts.log_severity_level = 3
+        if len(onnx_files(req.model.onnx_path)) > 1:  # external weights stay external, beside the model
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             ort.InferenceSession(str(req.model.onnx_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
