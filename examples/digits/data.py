@@ -30,8 +30,8 @@ def evaluation(batch_size: int = 60) -> Iterator[dict[str, np.ndarray]]:
         yield {"x": x[i:i + batch_size], "labels": y[i:i + batch_size]}
 
 
-def calibration(batch_size: int = 32, batches: int = 8) -> Iterator[dict[str, np.ndarray]]:
-    """Training images for calibration (no labels needed)."""
-    x, _ = train_split()
-    for i in range(batches):
-        yield {"x": x[i * batch_size:(i + 1) * batch_size]}
+def calibration(batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """The training split (1437 images) with labels: for calibration and for training passes."""
+    x, y = train_split()
+    for i in range(0, len(x), batch_size):
+        yield {"x": x[i:i + batch_size], "labels": y[i:i + batch_size]}

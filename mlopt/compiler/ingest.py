@@ -252,17 +252,23 @@ def _as_list(out: Any) -> list[Any]:
     return [out]
 
 
-def run_onnx(path: Path, feed: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
-    """Reference run of an ONNX file with ONNX Runtime's CPU provider, default optimizations off."""
+def onnx_runner(path: Path, threads: int = 1, optimize: bool = False) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """An ONNX Runtime CPU session as a function of a feed. Reference runs use basic optimizations only."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     opts.log_severity_level = 3
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feed)))
+    return lambda feed: dict(zip(names, sess.run(names, feed)))
+
+
+def run_onnx(path: Path, feed: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
+    """One reference run of an ONNX file (ONNX Runtime CPU, basic optimizations)."""
+    return onnx_runner(path, threads)(feed)
 
 
 def check_close(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float, rtol: float, where: str) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlopt.recipes.schema import InputSpec
 
@@ -25,13 +25,15 @@ class Model:
     inputs: tuple[InputSpec, ...]
     outputs: tuple[str, ...]
     digest: str
-    torch_module: Any = None  # nn.Module for PyTorch sources; None after ONNX-only passes
+    # Builds the nn.Module this ONNX was exported from (PyTorch sources; training passes use it).
+    # None once a pass makes the ONNX differ from any module (quantization).
+    module_fn: Callable[[], Any] | None = None
     lineage: tuple[str, ...] = field(default_factory=tuple)  # digests of the models this came from
 
-    def derive(self, onnx_path: Path, torch_module: Any = None) -> "Model":
+    def derive(self, onnx_path: Path, module_fn: Callable[[], Any] | None = None) -> "Model":
         """A new Model made from this one by a pass (keeps the signature)."""
         return replace(
-            self, onnx_path=onnx_path, digest=file_digest(onnx_path), torch_module=torch_module,
+            self, onnx_path=onnx_path, digest=file_digest(onnx_path), module_fn=module_fn,
             lineage=self.lineage + (self.digest,),
         )
 

@@ -23,7 +23,7 @@ from mlopt.compiler import ingest
 from mlopt.compiler.data import Batches, concat_outputs, load_batches, score
 from mlopt.compiler.measure import measure
 from mlopt.compiler.model import Model
-from mlopt.compiler.passes import CHANGES_OUTPUTS, PassContext, get_pass
+from mlopt.compiler.passes import CHANGES_OUTPUTS, TORCH_PASSES, PassContext, get_pass
 from mlopt.errors import BadInput, BudgetExceeded, MloptError, ValidationMismatch
 from mlopt.manifest import Manifest, write_manifest
 from mlopt.recipes.load import dump_recipe
@@ -193,7 +193,7 @@ def _ingest(run: Run) -> tuple[Model, bool]:
     folder, meta, hit = run.store.cached_step("ingest", ingest.source_key(src), produce)
     run.log(f"[ingest] {'cached export' if hit else 'exported'} {src.source} -> ONNX opset {src.opset}")
     model = Model(name=name, onnx_path=folder / "model.onnx", inputs=tuple(src.inputs),
-                  outputs=tuple(meta["outputs"]), digest=meta["digest"])
+                  outputs=tuple(meta["outputs"]), digest=meta["digest"], module_fn=ingest.torch_loader(src))
     return model, hit
 
 
@@ -205,8 +205,8 @@ def _reference(run: Run, model: Model) -> dict[str, Any]:
     key = key_of({"model": model.digest, "data": run.data_key("evaluation"), "ort": package_version("onnxruntime")})
 
     def produce(work: Path) -> dict[str, Any]:
-        outs = concat_outputs([ingest.run_onnx(model.onnx_path, f, run.recipe.benchmark.threads)
-                               for f in run.evaluation.feeds])
+        runner = ingest.onnx_runner(model.onnx_path, run.recipe.benchmark.threads)
+        outs = concat_outputs([runner(f) for f in run.evaluation.feeds])
         np.savez(work / "outputs.npz", **outs)
         value = score(ev, outs, run.evaluation.labels, outs)
         return {"metric": ev.metric, "value": value, "samples": len(next(iter(outs.values())))}
@@ -221,6 +221,46 @@ def _evaluate(run: Run, runner: Callable, reference: dict[str, Any]) -> float:
     ev = run.recipe.data.evaluation
     outs = concat_outputs([runner(f) for f in run.evaluation.feeds])
     return score(ev, outs, run.evaluation.labels, reference["outputs"]())
+
+
+def _onnx_latency(run: Run, path: Path) -> float:
+    """ms: geometric mean over the plan's batch sizes of the median of a few ONNX Runtime runs."""
+    plan = run.recipe.benchmark
+    runner = ingest.onnx_runner(path, plan.threads, optimize=True)
+    medians = []
+    for b in plan.batch_sizes:
+        feed = run.sample_feed(b)
+        for _ in range(2):
+            runner(feed)
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            runner(feed)
+            times.append((time.perf_counter() - t0) * 1000)
+        medians.append(sorted(times)[3])
+    return _geomean(medians)
+
+
+def _pass_context(run: Run, work: Path, reference: dict[str, Any]) -> PassContext:
+    """What passes may use: data, an evaluator and a timer for candidates, an exporter for modules."""
+    src = run.recipe.model
+    has_eval = reference["accuracy"] is not None
+
+    def export(module: Any, out: Path) -> Model:
+        return ingest.export_torch(src, module, out, run.recipe.model_name, run.sample_feed(2))
+
+    return PassContext(
+        workdir=work,
+        calibration=run.calibration if run.recipe.data.calibration else None,
+        evaluate=(lambda p: _evaluate(run, ingest.onnx_runner(p, run.recipe.benchmark.threads, optimize=True),
+                                      reference))
+        if has_eval else None,
+        reference=reference["accuracy"]["value"] if has_eval else None,
+        max_drop=run.recipe.accuracy.max_drop,
+        latency=lambda p: _onnx_latency(run, p),
+        log=run.log,
+        export=export if src.kind != "onnx" else None,
+    )
 
 
 # ------------------------------------------------------------------ passes
@@ -243,10 +283,15 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: dict[str,
                   "calibration": run.data_key("calibration"), "evaluation": run.data_key("evaluation"),
                   "versions": _toolchain()})
 
+    if step.kind in TORCH_PASSES and model.module_fn is None:
+        raise BadInput(f"pass {name} ({step.kind}) trains the PyTorch module: put it before quantize, "
+                       "and give a PyTorch source (model.py:factory or .pt2)")
+    produced: dict[str, Any] = {}
+
     def produce(work: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
-        ctx = PassContext(workdir=work, calibration=run.calibration if run.recipe.data.calibration else None)
-        new, details = get_pass(step.kind)(model, step, ctx)
+        new, details = get_pass(step.kind)(model, step, _pass_context(run, work, reference))
+        produced["module_fn"] = new.module_fn
         report = {"name": name, "kind": step.kind, "status": "applied", "size_before": model.size_bytes,
                   "size_after": new.size_bytes, "details": details}
         report.update(_gate(run, model, new, step, reference))
@@ -257,7 +302,23 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: dict[str,
     report = {**meta["report"], "cached": hit}
     if report["status"] != "applied":
         return model, report
-    return model.derive(folder / meta["file"]), report
+    module_fn = produced.get("module_fn") if not hit else _recompute(run, model, step, reference)
+    return model.derive(folder / meta["file"], module_fn=module_fn), report
+
+
+def _recompute(run: Run, model: Model, step: Any, reference: dict[str, Any]) -> Callable[[], Any] | None:
+    """A cached pass's module, rebuilt on demand (only a later training pass that missed the cache asks)."""
+    if step.kind == "graph-optimize":
+        return model.module_fn
+    if step.kind not in TORCH_PASSES:
+        return None
+
+    def rebuild() -> Any:
+        with run.store.staging() as tmp:
+            new, _ = get_pass(step.kind)(model, step, _pass_context(run, tmp, reference))
+            return new.module_fn()
+
+    return rebuild
 
 
 def _gate(run: Run, old: Model, new: Model, step: Any, reference: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +331,8 @@ def _gate(run: Run, old: Model, new: Model, step: Any, reference: dict[str, Any]
     if reference["accuracy"] is None:
         raise BadInput(f"pass {step.kind} changes outputs, so the recipe needs data.evaluation to judge it")
     ref = reference["accuracy"]["value"]
-    after = _evaluate(run, lambda f: ingest.run_onnx(new.onnx_path, f), reference)
+    # judged as deployed: ONNX Runtime with all its optimizations (int8 fusions change numerics a little)
+    after = _evaluate(run, ingest.onnx_runner(new.onnx_path, run.recipe.benchmark.threads, optimize=True), reference)
     drop = ref - after
     out = {"accuracy_before": ref, "accuracy_after": after}
     if drop <= run.recipe.accuracy.max_drop:

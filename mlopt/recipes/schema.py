@@ -162,7 +162,94 @@ class GraphOptimizePass(Strict):
     fold_constants: bool = Field(True, description="Fold constant subgraphs into initializers.")
 
 
-PassStep = Annotated[Union[GraphOptimizePass], Field(discriminator="kind")]
+class QuantSearch(Strict):
+    """The space the accuracy-aware search tries; every combination is one candidate."""
+
+    per_channel: list[bool] = Field(default_factory=lambda: [True, False])
+    calibration: list[Literal["minmax", "entropy", "percentile"]] = Field(default_factory=lambda: ["minmax", "percentile"])
+    keep_float: list[int] = Field(
+        default_factory=lambda: [0, 2, 4, 8],
+        description="How many of the most sensitive nodes (per-node sensitivity analysis) stay in float.",
+    )
+    precisions: list[Literal["int8-static", "int8-dynamic", "bf16"]] = Field(
+        default_factory=lambda: ["int8-static"], description="Precisions to try besides the configured mode.")
+    max_candidates: int = Field(24, gt=0, description="Stop after this many candidates.")
+
+
+class QuantizePass(Strict):
+    """Quantization or precision conversion of the ONNX model (ONNX Runtime's quantization tools)."""
+
+    kind: Literal["quantize"]
+    name: str | None = None
+    on_violation: Literal["fail", "skip"] | None = None
+    mode: Literal["int8-static", "int8-dynamic", "weight-only", "fp16", "bf16"] = Field(
+        "int8-static", description="int8-static: QDQ with calibration; int8-dynamic: MatMul/Gemm weights int8, "
+        "activations quantized at run time; weight-only: int4/int8 MatMul weights; fp16/bf16: float precision.")
+    per_channel: bool = Field(True, description="Per-channel (True) or per-tensor weight scales.")
+    calibration: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Calibration method.")
+    calibration_batches: int = Field(8, gt=0, description="Calibration batches taken from data.calibration.")
+    op_types: list[str] | None = Field(None, description="Operator types to quantize (default: the mode's).")
+    exclude_nodes: list[str] = Field(default_factory=list, description="Node names left in float.")
+    weight_bits: Literal[4, 8] = Field(4, description="weight-only: bits per weight.")
+    block_size: int = Field(32, ge=16, description="weight-only: weights per scale (a power of two).")
+    keep_io_types: bool = Field(True, description="fp16/bf16: keep float32 inputs and outputs.")
+    search: bool = Field(False, description="Accuracy-aware search: keep the fastest candidate inside the budget.")
+    search_space: QuantSearch = Field(default_factory=QuantSearch)
+
+    @model_validator(mode="after")
+    def _check(self) -> "QuantizePass":
+        if self.search and self.mode not in ("int8-static", "int8-dynamic"):
+            raise ValueError("search: true needs mode int8-static or int8-dynamic")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size {self.block_size} must be a power of two")
+        return self
+
+
+class PrunePass(Strict):
+    """Structured pruning that removes channels/neurons (torch-pruning), or unstructured magnitude pruning."""
+
+    kind: Literal["prune"]
+    name: str | None = None
+    on_violation: Literal["fail", "skip"] | None = None
+    method: Literal["structured", "unstructured"] = "structured"
+    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of channels (structured) or weights (unstructured) removed.")
+    importance: Literal["magnitude", "taylor", "lamp", "random"] = Field("magnitude", description="Channel importance criterion.")
+    global_pruning: bool = Field(False, description="Rank channels across layers (True) or prune each layer by ratio.")
+    ignore: list[str] = Field(default_factory=list, description="Module names left whole (the classifier head is always kept).")
+    finetune_steps: int = Field(200, ge=0, description="Fine-tuning steps on data.calibration after pruning (labels needed).")
+    lr: float = Field(1e-3, gt=0, description="Fine-tuning learning rate (Adam).")
+
+
+class StudentFromPrune(Strict):
+    from_: Literal["prune"] = Field(alias="from")
+    ratio: float = Field(0.5, gt=0, lt=1)
+    importance: Literal["magnitude", "taylor", "lamp", "random"] = "magnitude"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DistillPass(Strict):
+    """Train a student on the teacher's soft targets (temperature-scaled KL) plus the task loss."""
+
+    kind: Literal["distill"]
+    name: str | None = None
+    on_violation: Literal["fail", "skip"] | None = None
+    student: Union[str, StudentFromPrune] = Field(
+        description="A 'module:factory' returning the student nn.Module, or {from: prune, ratio: 0.5}.")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs the task loss.")
+    steps: int = Field(300, gt=0, description="Optimizer steps over data.calibration (cycled).")
+    lr: float = Field(1e-3, gt=0)
+
+    @field_validator("student")
+    @classmethod
+    def _student(cls, v: Union[str, StudentFromPrune]) -> Union[str, StudentFromPrune]:
+        if isinstance(v, str) and ":" not in v:
+            raise ValueError(f"student {v!r} must be 'module:factory' or {{from: prune, ratio: 0.5}}")
+        return v
+
+
+PassStep = Annotated[Union[GraphOptimizePass, QuantizePass, PrunePass, DistillPass], Field(discriminator="kind")]
 
 
 class Tuning(Strict):
@@ -238,10 +325,12 @@ class Recipe(Strict):
         ev = data.evaluation
         if ev is not None and ":" in ev.metric:
             data = data.model_copy(update={"evaluation": ev.model_copy(update={"metric": fix(ev.metric)})})
+        passes = [p.model_copy(update={"student": fix(p.student)}) if isinstance(getattr(p, "student", None), str)
+                  else p for p in self.passes]
         dirs = {k: str((base / getattr(self, k)).resolve()) for k in ("output", "store", "catalog")
                 if getattr(self, k) is not None and not Path(getattr(self, k)).expanduser().is_absolute()
                 and not getattr(self, k).startswith("~")}
-        return self.model_copy(update={"model": model, "data": data, **dirs})
+        return self.model_copy(update={"model": model, "data": data, "passes": passes, **dirs})
 
 
 def _resolve(p: str | None, base: Path) -> str | None:

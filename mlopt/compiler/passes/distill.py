@@ -1,0 +1,60 @@
+"""distill: train a student on the teacher's temperature-softened outputs (KL) plus the task loss.
+
+The student is given ('module:factory') or derived from the teacher by structured pruning
+(``student: {from: prune, ratio: 0.5}``): prune, then recover accuracy by distillation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from mlopt.compiler.ingest import load_callable
+from mlopt.compiler.model import Model
+from mlopt.compiler.passes import PassContext, register
+from mlopt.compiler.passes.prune import count, finetune, need_module, prune_structured
+from mlopt.errors import BadInput
+from mlopt.recipes.schema import DistillPass
+
+
+@register("distill")
+def distill(model: Model, cfg: DistillPass, ctx: PassContext) -> tuple[Model, dict[str, Any]]:
+    teacher = need_module(model, "distill")
+    if ctx.calibration is None:
+        raise BadInput("distill needs data.calibration: the inputs (and labels, if any) to train the student on")
+    feed = ctx.calibration.feeds[0]
+    student = _student(cfg, teacher, feed)
+    _check_outputs(student, teacher, feed)
+    losses = finetune(student, teacher, ctx, cfg.steps, cfg.lr, temperature=cfg.temperature, alpha=cfg.alpha)
+    out = ctx.export(student.eval(), ctx.workdir / "model.onnx")
+    t, s = count(teacher, feed), count(student, feed)
+    ctx.log(f"[distill] student params {s['params']:,} (teacher {t['params']:,}); loss {losses[0]} -> {losses[-1]}")
+    return model.derive(out.onnx_path, module_fn=lambda: copy.deepcopy(student)), {
+        "student": cfg.student if isinstance(cfg.student, str) else cfg.student.model_dump(by_alias=True),
+        "teacher_params": t["params"], "student_params": s["params"], "teacher_macs": t["macs"],
+        "student_macs": s["macs"], "steps": cfg.steps, "temperature": cfg.temperature, "alpha": cfg.alpha,
+        "loss_first": losses[0], "loss_last": losses[-1], "loss_curve": losses,
+    }
+
+
+def _student(cfg: DistillPass, teacher: Any, feed: dict) -> Any:
+    import torch
+
+    if isinstance(cfg.student, str):
+        student = load_callable(cfg.student, "student factory")()
+        if not isinstance(student, torch.nn.Module):
+            raise BadInput(f"student factory {cfg.student!r} returned {type(student).__name__}, not an nn.Module")
+        return student
+    student = copy.deepcopy(teacher)
+    prune_structured(student, feed, cfg.student.ratio, cfg.student.importance, False, [])
+    return student
+
+
+def _check_outputs(student: Any, teacher: Any, feed: dict) -> None:
+    import torch
+
+    args = tuple(torch.from_numpy(v) for v in feed.values())
+    with torch.no_grad():
+        s, t = student(*args), teacher(*args)
+    if s.shape != t.shape:
+        raise BadInput(f"the student's output shape {tuple(s.shape)} differs from the teacher's {tuple(t.shape)}")

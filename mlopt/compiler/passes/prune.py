@@ -1,0 +1,174 @@
+"""prune: structured pruning that really removes channels (torch-pruning's dependency graph), then
+fine-tuning; or unstructured magnitude pruning, which only makes weights sparse (smaller when
+compressed, not faster on dense hardware)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from mlopt.compiler.model import Model
+from mlopt.compiler.passes import PassContext, register
+from mlopt.errors import BadInput
+from mlopt.recipes.schema import PrunePass
+
+
+def need_module(model: Model, what: str) -> Any:
+    if model.module_fn is None:
+        raise BadInput(f"{what} trains the PyTorch module, and this model's source is ONNX only",
+                       hint="give model.source as a PyTorch factory 'model.py:function' or a .pt2 file")
+    return model.module_fn()
+
+
+@register("prune")
+def prune(model: Model, cfg: PrunePass, ctx: PassContext) -> tuple[Model, dict[str, Any]]:
+    module = copy.deepcopy(need_module(model, f"prune {cfg.method}"))
+    feed = ctx.calibration.feeds[0] if ctx.calibration is not None else None
+    if feed is None:
+        raise BadInput("prune needs data.calibration: example inputs for the dependency graph and fine-tuning")
+    before = count(module, feed)
+    if cfg.method == "structured":
+        prune_structured(module, feed, cfg.ratio, cfg.importance, cfg.global_pruning, cfg.ignore)
+        losses = finetune(module, model.module_fn(), ctx, cfg.finetune_steps, cfg.lr)
+        note = "channels removed: the model is smaller and dense, so it runs faster"
+    else:
+        sparsity = prune_unstructured(module, cfg.ratio, cfg.ignore)
+        losses = finetune(module, model.module_fn(), ctx, cfg.finetune_steps, cfg.lr, keep_zeros=True)
+        note = (f"unstructured: {sparsity:.0%} of weights are zero; this shrinks the compressed size only and "
+                "does NOT make the model faster on dense hardware")
+    after = count(module, feed)
+    out = ctx.export(module.eval(), ctx.workdir / "model.onnx")
+    details = {"method": cfg.method, "ratio": cfg.ratio, "params_before": before["params"],
+               "params_after": after["params"], "macs_before": before["macs"], "macs_after": after["macs"],
+               "finetune_loss_first": losses[0] if losses else None, "finetune_loss_last": losses[-1] if losses else None,
+               "note": note}
+    ctx.log(f"[prune] {cfg.method}: params {before['params']:,} -> {after['params']:,}, "
+            f"MACs {before['macs']:,} -> {after['macs']:,}")
+    return model.derive(out.onnx_path, module_fn=_frozen(module)), details
+
+
+def _frozen(module: Any) -> Any:
+    return lambda: copy.deepcopy(module)
+
+
+def count(module: Any, feed: dict) -> dict[str, int]:
+    import torch
+    import torch_pruning as tp
+
+    args = _args(module, feed)
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(module, args)
+    return {"macs": int(macs), "params": int(params)}
+
+
+def _args(module: Any, feed: dict) -> tuple:
+    import torch
+
+    return tuple(torch.from_numpy(v) for k, v in feed.items() if k != "labels")
+
+
+def head_layers(module: Any, feed: dict) -> list[Any]:
+    """The layers producing the output (classifier heads): never pruned, so the output keeps its size."""
+    import torch
+
+    with torch.no_grad():
+        out = module(*_args(module, feed))
+    width = out.shape[-1]
+    last = [m for m in module.modules() if isinstance(m, torch.nn.Linear) and m.out_features == width]
+    return last[-1:]
+
+
+def prune_structured(module: Any, feed: dict, ratio: float, importance: str, global_pruning: bool,
+                     ignore: list[str]) -> None:
+    """Remove channels in place with torch-pruning's dependency-graph pruner."""
+    import torch
+    import torch_pruning as tp
+
+    named = dict(module.named_modules())
+    missing = [n for n in ignore if n not in named]
+    if missing:
+        raise BadInput(f"prune.ignore names modules the model does not have: {missing}")
+    imp = {"magnitude": tp.importance.MagnitudeImportance(p=2), "taylor": tp.importance.TaylorImportance(),
+           "lamp": tp.importance.LAMPImportance(p=2), "random": tp.importance.RandomImportance()}[importance]
+    args = _args(module, feed)
+    pruner = tp.pruner.MetaPruner(module, args, importance=imp, pruning_ratio=ratio, global_pruning=global_pruning,
+                                  ignored_layers=head_layers(module, feed) + [named[n] for n in ignore])
+    if importance == "taylor":  # Taylor importance needs gradients of a loss
+        module.zero_grad()
+        module(*args).float().pow(2).mean().backward()
+    torch.manual_seed(0)
+    pruner.step()
+
+
+def prune_unstructured(module: Any, ratio: float, ignore: list[str]) -> float:
+    """Zero the smallest weights of every Conv/Linear (global magnitude); return the sparsity."""
+    import torch
+    import torch.nn.utils.prune as tprune
+
+    layers = [(m, "weight") for n, m in module.named_modules()
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and n not in ignore]
+    tprune.global_unstructured(layers, pruning_method=tprune.L1Unstructured, amount=ratio)
+    for m, name in layers:
+        tprune.remove(m, name)
+    total = sum(m.weight.numel() for m, _ in layers)
+    return sum(int((m.weight == 0).sum()) for m, _ in layers) / total
+
+
+def finetune(student: Any, teacher: Any, ctx: PassContext, steps: int, lr: float, keep_zeros: bool = False,
+             temperature: float = 1.0, alpha: float | None = None) -> list[float]:
+    """Train ``student``: cross-entropy where labels exist, else match the teacher's outputs.
+
+    With ``alpha`` the loss is alpha * KL(student/T || teacher/T) * T^2 + (1 - alpha) * CE (distillation).
+    Returns the loss averaged over each tenth of the run (first and last show that it fell).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if steps == 0:
+        return []
+    batches = ctx.calibration.feeds
+    labels = _split_labels(ctx.calibration)
+    masks = {n: (p != 0) for n, p in student.named_parameters()} if keep_zeros else {}
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    teacher.eval()
+    student.train()
+    losses: list[float] = []
+    torch.manual_seed(0)
+    for step in range(steps):
+        i = step % len(batches)
+        args = _args(student, batches[i])
+        with torch.no_grad():
+            t_out = teacher(*args)
+        s_out = student(*args)
+        y = labels[i]
+        if alpha is None:
+            loss = F.cross_entropy(s_out, y) if y is not None else F.mse_loss(s_out, t_out)
+        else:
+            kl = F.kl_div(F.log_softmax(s_out / temperature, -1), F.softmax(t_out / temperature, -1),
+                          reduction="batchmean") * temperature ** 2
+            loss = alpha * kl + (1 - alpha) * F.cross_entropy(s_out, y) if y is not None else kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if masks:
+            with torch.no_grad():
+                for n, p in student.named_parameters():
+                    p.mul_(masks[n])
+        losses.append(loss.item())
+    student.eval()
+    tenth = max(1, steps // 10)
+    return [round(sum(losses[k:k + tenth]) / len(losses[k:k + tenth]), 5) for k in range(0, steps, tenth)]
+
+
+def _split_labels(batches: Any) -> list[Any]:
+    """Per-batch label tensors (None where the data has no labels)."""
+    import torch
+
+    if batches.labels is None:
+        return [None] * len(batches.feeds)
+    out, start = [], 0
+    for feed in batches.feeds:
+        n = len(next(iter(feed.values())))
+        out.append(torch.from_numpy(batches.labels[start:start + n]).long())
+        start += n
+    return out
