@@ -147,8 +147,16 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
 
 
 def _check_names(recipe: Recipe) -> None:
+    seen_quantize = False
     for step in recipe.passes:
         get_pass(step.kind)
+        if step.kind in TORCH_PASSES and recipe.model.kind == "onnx":
+            raise BadInput(f"pass {step.kind} trains the PyTorch module, and this recipe's model source is ONNX "
+                           f"only ({Path(recipe.model.source).name})",
+                           hint="give model.source as a PyTorch factory 'model.py:function' or a .pt2 file")
+        if step.kind in TORCH_PASSES and seen_quantize:
+            raise BadInput(f"pass {step.kind} must come before quantize (it trains the float PyTorch module)")
+        seen_quantize |= step.kind == "quantize"
     for name in recipe.backends or []:
         get_backend(name)  # raises UnknownName listing the backends
 

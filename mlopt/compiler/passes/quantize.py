@@ -110,11 +110,42 @@ def _weight_only(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: lis
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(onnx.load(str(model.onnx_path)), bits=cfg.weight_bits, block_size=cfg.block_size,
+    proto, rewritten = gemm_to_matmul(onnx.load(str(model.onnx_path)))
+    q = MatMulNBitsQuantizer(proto, bits=cfg.weight_bits, block_size=cfg.block_size,
                              is_symmetric=True, accuracy_level=4, nodes_to_exclude=exclude)
     q.process()
     q.model.save_model_to_file(str(out), use_external_data_format=False)
-    return {"bits": cfg.weight_bits, "block_size": cfg.block_size}
+    return {"bits": cfg.weight_bits, "block_size": cfg.block_size, "gemm_rewritten": rewritten}
+
+
+def gemm_to_matmul(proto: Any) -> tuple[Any, int]:
+    """Rewrite Gemm(A, constant B, C) as MatMul + Add, so MatMul-only quantizers see Linear layers."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    nodes, count = [], 0
+    for n in proto.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        simple = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if n.op_type != "Gemm" or not simple or n.input[1] not in inits:
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        w = w.T if attrs.get("transB", 0) else w
+        name = f"{n.input[1]}_matmul"
+        proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), name))
+        mm_out = f"{n.output[0]}_mm" if len(n.input) > 2 and n.input[2] else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], name], [mm_out], name=f"{n.name}_matmul"))
+        if mm_out != n.output[0]:
+            nodes.append(helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=f"{n.name}_bias"))
+        count += 1
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    used = {i for n in proto.graph.node for i in n.input}
+    keep = [i for i in proto.graph.initializer if i.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    return proto, count
 
 
 def _float16(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str], out: Path) -> dict[str, Any]:
