@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test setup bench schemas clean
+.PHONY: demo test setup bench bench-compress schemas clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/compare.py
+
+bench-compress: $(STAMP)
+	$(BIN)/python bench/compare.py --torch-compile --results bench/results-compress.json \
+	  --recipes examples/digits/compress.yaml,examples/minilm/compress.yaml,examples/efficientnet/compress.yaml
 
 # Regenerate the shipped JSON Schemas after changing mlopt/manifest.py (a test checks they match).
 schemas: $(STAMP)
