@@ -262,7 +262,7 @@ def doctor_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
         h = report["host"]
         out.print(f"[bold]CPU[/] {h['cpu']} ({h['machine']}, {h['cores']} logical cores, level {h['x86_level']})")
         out.print(f"[bold]features[/] {', '.join(h['features']) or '-'}")
-        out.print(f"[bold]GPUs[/] " + (", ".join(f"{g['vendor']} {g['name']} driver {g['driver']}" for g in report["gpus"])
+        out.print("[bold]GPUs[/] " + (", ".join(f"{g['vendor']} {g['name']} driver {g['driver']}" for g in report["gpus"])
                                       or "none found (nvidia-smi, /sys/class/kfd, /sys/class/drm)"))
         t = Table(title="toolchains")
         t.add_column("tool")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
-from conftest import FAST_BENCH, digits_recipe, tiny_onnx, write_recipe
+from conftest import digits_recipe, tiny_onnx
 from mlopt.cli import app
 
 runner = CliRunner()

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -6,34 +6,29 @@ so a second run of an unchanged recipe replays from the store in about a second.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import math
 import time
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
 from mlopt import __version__
 from mlopt.compiler import ingest
-from mlopt.compiler.data import Batches, concat_outputs, load_batches, score
-from mlopt.compiler.measure import measure
+from mlopt.compiler.builds import build_sku
+from mlopt.compiler.data import concat_outputs, score
 from mlopt.compiler.model import Model
 from mlopt.compiler.passes import CHANGES_OUTPUTS, TORCH_PASSES, PassContext, get_pass
-from mlopt.errors import BadInput, BudgetExceeded, MloptError, ValidationMismatch
+from mlopt.compiler.run import Log, Run, evaluate, geomean, toolchain
+from mlopt.errors import BadInput, BudgetExceeded
 from mlopt.manifest import Manifest, write_manifest
 from mlopt.recipes.load import dump_recipe
 from mlopt.recipes.schema import Recipe
 from mlopt.store import Store, key_of
 from mlopt.targets import detect
-from mlopt.targets.backends import Backend, BuildRequest, get_backend, package_version
-from mlopt.targets.catalog import SKU, load_catalog
-
-Log = Callable[[str], None]
+from mlopt.targets.backends import get_backend, package_version
+from mlopt.targets.catalog import load_catalog
 
 
 @dataclass
@@ -41,59 +36,6 @@ class BuildResult:
     manifest: Manifest
     manifest_path: Path
     exit_code: int
-
-
-@dataclass
-class Run:
-    """State shared by the stages of one build."""
-
-    recipe: Recipe
-    store: Store
-    log: Log
-    stages: dict[str, float] = field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self.log(f"[stage] {name}")
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t0, 3)
-
-    # -------------------------------------------------------- data, loaded on first use
-    def data_key(self, which: str) -> str | None:
-        src = getattr(self.recipe.data, which)
-        if src is None:
-            return None
-        h = hashlib.sha256(json.dumps(src.model_dump(mode="json"), sort_keys=True).encode())
-        for part in (src.source.rpartition(":")[0] or src.source, getattr(src, "metric", "").rpartition(":")[0]):
-            if part and Path(part).is_file():
-                h.update(Path(part).read_bytes())
-        return h.hexdigest()
-
-    @cached_property
-    def evaluation(self) -> Batches | None:
-        ev = self.recipe.data.evaluation
-        return load_batches(ev, self.inputs) if ev else None
-
-    @cached_property
-    def calibration(self) -> Batches | None:
-        cal = self.recipe.data.calibration
-        return load_batches(cal, self.inputs) if cal else None
-
-    inputs: tuple = ()
-
-    def sample_feed(self, batch: int) -> dict[str, np.ndarray]:
-        """A feed of ``batch`` rows: real evaluation rows where shapes allow, else seeded random."""
-        plan = self.recipe.benchmark
-        shapes = {i.name: i.concrete({**plan.dims, self.recipe.model.batch_axis: batch}) for i in self.inputs}
-        if self.evaluation is not None:
-            first = self.evaluation.feeds[0]
-            if all(first[n].shape[1:] == s[1:] for n, s in shapes.items()):
-                reps = math.ceil(batch / len(next(iter(first.values()))))
-                return {n: np.ascontiguousarray(np.concatenate([first[n]] * reps)[:batch]) for n in shapes}
-        return ingest.random_feed(self.inputs, shapes)
 
 
 def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResult:
@@ -118,7 +60,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
     entries, errors, codes = [], [], []
     for sku in skus:
         with run.stage(f"build {sku.name}"):
-            entry, sku_errors, code = _build_sku(run, final, sku, version, version_key, reference)
+            entry, sku_errors, code = build_sku(run, final, sku, version, version_key, reference)
         entries.append(entry)
         errors += sku_errors
         codes.append(code)
@@ -127,7 +69,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         recipe={"name": recipe.name, "digest": hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()},
         host=detect.host(),
-        toolchain=_toolchain(),
+        toolchain=toolchain(),
         store=str(store.root),
         models=[{
             "name": recipe.model_name, "version": version, "source": recipe.model.source,
@@ -225,12 +167,6 @@ def _reference(run: Run, model: Model) -> dict[str, Any]:
     return {"accuracy": meta, "outputs": outputs}
 
 
-def _evaluate(run: Run, runner: Callable, reference: dict[str, Any]) -> float:
-    ev = run.recipe.data.evaluation
-    outs = concat_outputs([runner(f) for f in run.evaluation.feeds])
-    return score(ev, outs, run.evaluation.labels, reference["outputs"]())
-
-
 def _onnx_latency(run: Run, path: Path) -> float:
     """ms: geometric mean over the plan's batch sizes of the median of a few ONNX Runtime runs."""
     plan = run.recipe.benchmark
@@ -246,7 +182,7 @@ def _onnx_latency(run: Run, path: Path) -> float:
             runner(feed)
             times.append((time.perf_counter() - t0) * 1000)
         medians.append(sorted(times)[3])
-    return _geomean(medians)
+    return geomean(medians)
 
 
 def _pass_context(run: Run, work: Path, reference: dict[str, Any]) -> PassContext:
@@ -260,7 +196,7 @@ def _pass_context(run: Run, work: Path, reference: dict[str, Any]) -> PassContex
     return PassContext(
         workdir=work,
         calibration=run.calibration if run.recipe.data.calibration else None,
-        evaluate=(lambda p: _evaluate(run, ingest.onnx_runner(p, run.recipe.benchmark.threads, optimize=True),
+        evaluate=(lambda p: evaluate(run, ingest.onnx_runner(p, run.recipe.benchmark.threads, optimize=True),
                                       reference))
         if has_eval else None,
         reference=reference["accuracy"]["value"] if has_eval else None,
@@ -289,7 +225,7 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: dict[str,
     budget = run.recipe.accuracy
     key = key_of({"model": model.digest, "step": step.model_dump(mode="json"), "budget": budget.model_dump(),
                   "calibration": run.data_key("calibration"), "evaluation": run.data_key("evaluation"),
-                  "versions": _toolchain()})
+                  "versions": toolchain()})
 
     if step.kind in TORCH_PASSES and model.module_fn is None:
         raise BadInput(f"pass {name} ({step.kind}) trains the PyTorch module: put it before quantize, "
@@ -302,7 +238,11 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: dict[str,
         produced["module_fn"] = new.module_fn
         report = {"name": name, "kind": step.kind, "status": "applied", "size_before": model.size_bytes,
                   "size_after": new.size_bytes, "details": details}
-        report.update(_gate(run, model, new, step, reference))
+        verdict = _gate(run, model, new, step, reference)
+        reason = verdict.pop("skip_reason", None)
+        report.update(verdict)
+        if reason:  # keep what the pass found (a search's candidates) beside why it was skipped
+            report["details"] = {**details, "skipped_because": reason}
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return {"report": report, "digest": new.digest, "file": new.onnx_path.name}
 
@@ -340,7 +280,7 @@ def _gate(run: Run, old: Model, new: Model, step: Any, reference: dict[str, Any]
         raise BadInput(f"pass {step.kind} changes outputs, so the recipe needs data.evaluation to judge it")
     ref = reference["accuracy"]["value"]
     # judged as deployed: ONNX Runtime with all its optimizations (int8 fusions change numerics a little)
-    after = _evaluate(run, ingest.onnx_runner(new.onnx_path, run.recipe.benchmark.threads, optimize=True), reference)
+    after = evaluate(run, ingest.onnx_runner(new.onnx_path, run.recipe.benchmark.threads, optimize=True), reference)
     drop = ref - after
     out = {"accuracy_before": ref, "accuracy_after": after}
     if drop <= run.recipe.accuracy.max_drop:
@@ -351,176 +291,4 @@ def _gate(run: Run, old: Model, new: Model, step: Any, reference: dict[str, Any]
     if policy == "fail":
         raise BudgetExceeded(msg, hint="raise accuracy.max_drop, change the pass settings, or set on_violation: skip")
     run.log(f"[pass] {msg}; skipped")
-    return {**out, "status": "skipped", "details": {"reason": msg}}
-
-
-# ------------------------------------------------------------------ per SKU
-
-
-def _build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
-               reference: dict[str, Any]) -> tuple[dict[str, Any], list[str], int]:
-    names = [b for b in sku.backends if run.recipe.backends is None or b in run.recipe.backends]
-    runs_here, why_not = detect.host_runs(sku)
-    candidates, errors = [], []
-    for name in names:
-        cand = _candidate(run, model, sku, get_backend(name), version, version_key, reference, runs_here, why_not)
-        candidates.append(cand)
-        if cand["status"] == "failed":
-            errors.append(f"{sku.name}/{name}: {cand['reason']}")
-    chosen, chosen_by = _choose(candidates)
-    entry = {
-        "model": run.recipe.model_name, "version": version, "sku": sku.name, "sku_kind": sku.kind,
-        "chosen_backend": chosen["backend"] if chosen else None, "chosen_by": chosen_by,
-        "artifact": chosen["artifact"] if chosen else None, "precision": chosen["precision"] if chosen else None,
-        "measurement": chosen["measurement"] if chosen else None,
-        "cost": _cost(sku, chosen["measurement"]) if chosen and chosen["measurement"] else None,
-        "candidates": candidates,
-    }
-    if chosen is None and not names:
-        errors.append(f"{sku.name}: none of the recipe's backends {run.recipe.backends} serve this SKU "
-                      f"(it supports {sku.backends})")
-    code = 3 if any(c.get("validation") and c["validation"]["status"] == "failed" for c in candidates) else \
-        (4 if chosen is None else 0)
-    return entry, errors, code
-
-
-def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int, version_key: str,
-               reference: dict[str, Any], runs_here: bool, why_not: str) -> dict[str, Any]:
-    avail = backend.availability(sku, runs_here)
-    cand: dict[str, Any] = {"backend": backend.name, "status": "unavailable", "reason": avail.reason}
-    if avail.build == "no":
-        run.log(f"[{sku.name}] {backend.name}: unavailable ({avail.reason})")
-        return cand
-    plan = run.recipe.benchmark
-    threads = sku.threads or plan.threads
-    key = key_of({"version": version_key, "model": model.digest, "backend": backend.name,
-                  "toolchain": backend.toolchain(), "trials": run.recipe.tuning.trials, "threads": threads,
-                  "sku": sku.model_dump(include={"name", "arch", "machine", "tvm_target", "dtypes"})})
-    cand["compiled"] = avail.build
-    try:
-        art, cached, validation, seconds = _artifact(run, model, sku, backend, key, threads, avail.run, why_not,
-                                                     version)
-    except ValidationMismatch as e:
-        run.log(f"[{sku.name}] {backend.name}: FAILED validation: {e}")
-        return {**cand, "status": "failed", "reason": str(e),
-                "validation": {"status": "failed", "max_abs_diff": e.max_abs_diff, "atol": backend.atol,
-                               "rtol": backend.rtol, "reason": str(e)}}
-    except MloptError as e:
-        run.log(f"[{sku.name}] {backend.name}: failed: {e}")
-        return {**cand, "status": "failed", "reason": str(e)}
-    except Exception as e:  # a compiler's own error (TVM, ORT): recorded per candidate, others go on
-        run.log(f"[{sku.name}] {backend.name}: failed: {type(e).__name__}: {e}")
-        return {**cand, "status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-    run.store.link(run.recipe.model_name, version, art.key)
-    cand.update(status="built", reason="" if avail.run else why_not, precision=art.meta["precision"],
-                artifact=_artifact_ref(art), validation=validation, build_seconds=seconds, cached=cached,
-                details=art.meta.get("details", {}), measurement=None)
-    if avail.run:
-        with run.stage(f"measure {sku.name}/{backend.name}"):
-            cand["measurement"] = _measure(run, backend, art, threads, reference)
-    run.log(f"[{sku.name}] {backend.name}: {'cached' if cached else 'built'} {art.short}")
-    return cand
-
-
-def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, threads: int, runnable: bool,
-              why_not: str, version: int) -> tuple[Any, bool, dict[str, Any], float]:
-    """The stored artifact for ``key``, building and validating it first on a miss."""
-    art = run.store.checked(key)
-    if art is not None:
-        return art, True, art.meta["validation"], art.meta["build_seconds"]
-    plan = run.recipe.benchmark
-    req = BuildRequest(model=model, sku=sku, threads=threads, tuning_trials=run.recipe.tuning.trials,
-                       tuning_timeout_s=run.recipe.tuning.timeout_s,
-                       tuning_dir=run.store.root / "tuning", batch_axis=run.recipe.model.batch_axis, dims=plan.dims,
-                       batch_sizes=tuple(plan.batch_sizes))
-    with run.store.staging() as tmp:
-        files = tmp / "artifact"
-        files.mkdir()
-        t0 = time.perf_counter()
-        meta = backend.build(req, files)
-        seconds = round(time.perf_counter() - t0, 3)
-        validation = _validate(run, model, backend, files, meta, threads) if runnable else \
-            {"status": "not-run", "reason": why_not}
-        art = run.store.put(key, files, {
-            **meta, "model": run.recipe.model_name, "model_digest": model.digest, "sku": sku.name,
-            "backend": backend.name, "toolchain": backend.toolchain(), "validation": validation,
-            "build_seconds": seconds, "signature": [i.model_dump() for i in model.inputs],
-            "outputs": list(model.outputs),
-        }, version=(run.recipe.model_name, version))
-    return art, False, validation, seconds
-
-
-def _validate(run: Run, model: Model, backend: Backend, files: Path, meta: dict[str, Any], threads: int) -> dict[str, Any]:
-    feed = run.sample_feed(2)
-    ref = ingest.run_onnx(model.onnx_path, feed)
-    got = backend.load(files, meta, threads)(feed)
-    diff = ingest.check_close(ref, got, backend.atol, backend.rtol, f"{backend.name} build")
-    return {"status": "passed", "max_abs_diff": diff, "atol": backend.atol, "rtol": backend.rtol}
-
-
-def _measure(run: Run, backend: Backend, art: Any, threads: int, reference: dict[str, Any]) -> dict[str, Any]:
-    plan = run.recipe.benchmark.model_copy(update={"threads": threads})
-    host = detect.host()
-    key = key_of({"artifact": art.key, "host": host, "plan": plan.model_dump(), "eval": run.data_key("evaluation")})
-
-    def produce(work: Path) -> dict[str, Any]:
-        feeds = {b: run.sample_feed(b) for b in plan.batch_sizes}
-        load = lambda: backend.load(art.path, art.meta, threads)  # noqa: E731
-        figures = measure(load, feeds, plan)
-        figures["accuracy"] = _build_accuracy(run, backend.load(art.path, art.meta, threads), reference)
-        figures["provenance"] = {"host": host, "libraries": backend.toolchain(), "threads": threads,
-                                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        figures.pop("threads"), figures.pop("warmup")
-        return figures
-
-    _, meta, hit = run.store.cached_step("measure", key, produce)
-    run.log(f"[measure] {art.meta['sku']}/{backend.name}: " + ", ".join(
-        f"b{b['batch_size']} p50 {b['p50_ms']:.2f} ms" for b in meta["batches"]) + (" (cached)" if hit else ""))
-    return meta
-
-
-def _build_accuracy(run: Run, runner: Callable, reference: dict[str, Any]) -> dict[str, Any] | None:
-    if reference["accuracy"] is None:
-        return None
-    ref = reference["accuracy"]["value"]
-    value = _evaluate(run, runner, reference)
-    return {"metric": reference["accuracy"]["metric"], "value": value, "reference": ref, "drop": ref - value,
-            "within_budget": ref - value <= run.recipe.accuracy.max_drop + 1e-12}
-
-
-def _choose(cands: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
-    """The fastest measured build (geometric mean of p50 over the batch sizes); else the first built."""
-    measured = [c for c in cands if c["status"] == "built" and c.get("measurement")]
-    if measured:
-        best = min(measured, key=lambda c: _geomean([b["p50_ms"] for b in c["measurement"]["batches"]]))
-        return best, "fastest measured (geometric mean of p50 latency over the benchmark batch sizes)"
-    built = [c for c in cands if c["status"] == "built"]
-    if built:
-        return built[0], "first in the SKU's backend order (not measurable on this machine)"
-    return None, "no backend produced a build"
-
-
-def _geomean(xs: list[float]) -> float:
-    return math.exp(sum(math.log(max(x, 1e-9)) for x in xs) / len(xs))
-
-
-def _cost(sku: SKU, m: dict[str, Any]) -> dict[str, Any] | None:
-    if sku.price is None:
-        return None
-    best = max(m["batches"], key=lambda b: b["throughput_per_s"] or 0)
-    if not best["throughput_per_s"]:
-        return None
-    per_million = sku.price.usd_per_hour / (best["throughput_per_s"] * 3600) * 1e6
-    return {"usd_per_million": round(per_million, 6), "usd_per_hour": sku.price.usd_per_hour,
-            "throughput_per_s": best["throughput_per_s"], "batch_size": best["batch_size"],
-            "price_source": sku.price.source, "price_date": sku.price.date}
-
-
-def _artifact_ref(art: Any) -> dict[str, Any]:
-    files = art.meta["files"]
-    return {"key": art.key, "content_digest": art.meta["content_digest"], "path": str(art.path),
-            "size_bytes": sum(f["bytes"] for f in files.values()), "files": sorted(files)}
-
-
-def _toolchain() -> dict[str, str]:
-    return {p: package_version(p) for p in ("mlopt", "onnx", "onnxruntime", "onnxscript", "torch", "apache-tvm", "numpy")}
+    return {**out, "status": "skipped", "skip_reason": msg}

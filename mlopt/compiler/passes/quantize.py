@@ -8,7 +8,6 @@ measures each candidate's accuracy and latency, and keeps the fastest inside the
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from pathlib import Path
 from typing import Any

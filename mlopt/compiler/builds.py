@@ -1,0 +1,178 @@
+"""Per SKU: each backend builds, the build is validated, stored and measured; the fastest is chosen."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from mlopt.compiler import ingest
+from mlopt.compiler.measure import measure
+from mlopt.compiler.model import Model
+from mlopt.compiler.run import Run, evaluate, geomean
+from mlopt.errors import MloptError, ValidationMismatch
+from mlopt.store import key_of
+from mlopt.targets import detect
+from mlopt.targets.backends import Backend, BuildRequest, get_backend
+from mlopt.targets.catalog import SKU
+
+
+def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
+               reference: dict[str, Any]) -> tuple[dict[str, Any], list[str], int]:
+    names = [b for b in sku.backends if run.recipe.backends is None or b in run.recipe.backends]
+    runs_here, why_not = detect.host_runs(sku)
+    candidates, errors = [], []
+    for name in names:
+        cand = _candidate(run, model, sku, get_backend(name), version, version_key, reference, runs_here, why_not)
+        candidates.append(cand)
+        if cand["status"] == "failed":
+            errors.append(f"{sku.name}/{name}: {cand['reason']}")
+    chosen, chosen_by = _choose(candidates)
+    entry = {
+        "model": run.recipe.model_name, "version": version, "sku": sku.name, "sku_kind": sku.kind,
+        "chosen_backend": chosen["backend"] if chosen else None, "chosen_by": chosen_by,
+        "artifact": chosen["artifact"] if chosen else None, "precision": chosen["precision"] if chosen else None,
+        "measurement": chosen["measurement"] if chosen else None,
+        "cost": _cost(sku, chosen["measurement"]) if chosen and chosen["measurement"] else None,
+        "candidates": candidates,
+    }
+    if chosen is None and not names:
+        errors.append(f"{sku.name}: none of the recipe's backends {run.recipe.backends} serve this SKU "
+                      f"(it supports {sku.backends})")
+    code = 3 if any(c.get("validation") and c["validation"]["status"] == "failed" for c in candidates) else \
+        (4 if chosen is None else 0)
+    return entry, errors, code
+
+
+def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int, version_key: str,
+               reference: dict[str, Any], runs_here: bool, why_not: str) -> dict[str, Any]:
+    avail = backend.availability(sku, runs_here)
+    cand: dict[str, Any] = {"backend": backend.name, "status": "unavailable", "reason": avail.reason}
+    if avail.build == "no":
+        run.log(f"[{sku.name}] {backend.name}: unavailable ({avail.reason})")
+        return cand
+    plan = run.recipe.benchmark
+    threads = sku.threads or plan.threads
+    key = key_of({"version": version_key, "model": model.digest, "backend": backend.name,
+                  "toolchain": backend.toolchain(), "trials": run.recipe.tuning.trials, "threads": threads,
+                  "sku": sku.model_dump(include={"name", "arch", "machine", "tvm_target", "dtypes"})})
+    cand["compiled"] = avail.build
+    try:
+        art, cached, validation, seconds = _artifact(run, model, sku, backend, key, threads, avail.run, why_not,
+                                                     version)
+    except ValidationMismatch as e:
+        run.log(f"[{sku.name}] {backend.name}: FAILED validation: {e}")
+        return {**cand, "status": "failed", "reason": str(e),
+                "validation": {"status": "failed", "max_abs_diff": e.max_abs_diff, "atol": backend.atol,
+                               "rtol": backend.rtol, "reason": str(e)}}
+    except MloptError as e:
+        run.log(f"[{sku.name}] {backend.name}: failed: {e}")
+        return {**cand, "status": "failed", "reason": str(e)}
+    except Exception as e:  # a compiler's own error (TVM, ORT): recorded per candidate, others go on
+        run.log(f"[{sku.name}] {backend.name}: failed: {type(e).__name__}: {e}")
+        return {**cand, "status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    run.store.link(run.recipe.model_name, version, art.key)
+    cand.update(status="built", reason="" if avail.run else why_not, precision=art.meta["precision"],
+                artifact=_artifact_ref(art), validation=validation, build_seconds=seconds, cached=cached,
+                details=art.meta.get("details", {}), measurement=None)
+    if avail.run:
+        with run.stage(f"measure {sku.name}/{backend.name}"):
+            cand["measurement"] = _measure(run, backend, art, threads, reference)
+    run.log(f"[{sku.name}] {backend.name}: {'cached' if cached else 'built'} {art.short}")
+    return cand
+
+
+def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, threads: int, runnable: bool,
+              why_not: str, version: int) -> tuple[Any, bool, dict[str, Any], float]:
+    """The stored artifact for ``key``, building and validating it first on a miss."""
+    art = run.store.checked(key)
+    if art is not None:
+        return art, True, art.meta["validation"], art.meta["build_seconds"]
+    plan = run.recipe.benchmark
+    req = BuildRequest(model=model, sku=sku, threads=threads, tuning_trials=run.recipe.tuning.trials,
+                       tuning_timeout_s=run.recipe.tuning.timeout_s,
+                       tuning_dir=run.store.root / "tuning", batch_axis=run.recipe.model.batch_axis, dims=plan.dims,
+                       batch_sizes=tuple(plan.batch_sizes))
+    with run.store.staging() as tmp:
+        files = tmp / "artifact"
+        files.mkdir()
+        t0 = time.perf_counter()
+        meta = backend.build(req, files)
+        seconds = round(time.perf_counter() - t0, 3)
+        validation = _validate(run, model, backend, files, meta, threads) if runnable else \
+            {"status": "not-run", "reason": why_not}
+        art = run.store.put(key, files, {
+            **meta, "model": run.recipe.model_name, "model_digest": model.digest, "sku": sku.name,
+            "backend": backend.name, "toolchain": backend.toolchain(), "validation": validation,
+            "build_seconds": seconds, "signature": [i.model_dump() for i in model.inputs],
+            "outputs": list(model.outputs),
+        }, version=(run.recipe.model_name, version))
+    return art, False, validation, seconds
+
+
+def _validate(run: Run, model: Model, backend: Backend, files: Path, meta: dict[str, Any], threads: int) -> dict[str, Any]:
+    feed = run.sample_feed(2)
+    ref = ingest.run_onnx(model.onnx_path, feed)
+    got = backend.load(files, meta, threads)(feed)
+    diff = ingest.check_close(ref, got, backend.atol, backend.rtol, f"{backend.name} build")
+    return {"status": "passed", "max_abs_diff": diff, "atol": backend.atol, "rtol": backend.rtol}
+
+
+def _measure(run: Run, backend: Backend, art: Any, threads: int, reference: dict[str, Any]) -> dict[str, Any]:
+    plan = run.recipe.benchmark.model_copy(update={"threads": threads})
+    host = detect.host()
+    key = key_of({"artifact": art.key, "host": host, "plan": plan.model_dump(), "eval": run.data_key("evaluation")})
+
+    def produce(work: Path) -> dict[str, Any]:
+        feeds = {b: run.sample_feed(b) for b in plan.batch_sizes}
+        load = lambda: backend.load(art.path, art.meta, threads)  # noqa: E731
+        figures = measure(load, feeds, plan)
+        figures["accuracy"] = _build_accuracy(run, backend.load(art.path, art.meta, threads), reference)
+        figures["provenance"] = {"host": host, "libraries": backend.toolchain(), "threads": threads,
+                                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        figures.pop("threads"), figures.pop("warmup")
+        return figures
+
+    _, meta, hit = run.store.cached_step("measure", key, produce)
+    run.log(f"[measure] {art.meta['sku']}/{backend.name}: " + ", ".join(
+        f"b{b['batch_size']} p50 {b['p50_ms']:.2f} ms" for b in meta["batches"]) + (" (cached)" if hit else ""))
+    return meta
+
+
+def _build_accuracy(run: Run, runner: Callable, reference: dict[str, Any]) -> dict[str, Any] | None:
+    if reference["accuracy"] is None:
+        return None
+    ref = reference["accuracy"]["value"]
+    value = evaluate(run, runner, reference)
+    return {"metric": reference["accuracy"]["metric"], "value": value, "reference": ref, "drop": ref - value,
+            "within_budget": ref - value <= run.recipe.accuracy.max_drop + 1e-12}
+
+
+def _choose(cands: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    """The fastest measured build (geometric mean of p50 over the batch sizes); else the first built."""
+    measured = [c for c in cands if c["status"] == "built" and c.get("measurement")]
+    if measured:
+        best = min(measured, key=lambda c: geomean([b["p50_ms"] for b in c["measurement"]["batches"]]))
+        return best, "fastest measured (geometric mean of p50 latency over the benchmark batch sizes)"
+    built = [c for c in cands if c["status"] == "built"]
+    if built:
+        return built[0], "first in the SKU's backend order (not measurable on this machine)"
+    return None, "no backend produced a build"
+
+
+def _cost(sku: SKU, m: dict[str, Any]) -> dict[str, Any] | None:
+    if sku.price is None:
+        return None
+    best = max(m["batches"], key=lambda b: b["throughput_per_s"] or 0)
+    if not best["throughput_per_s"]:
+        return None
+    per_million = sku.price.usd_per_hour / (best["throughput_per_s"] * 3600) * 1e6
+    return {"usd_per_million": round(per_million, 6), "usd_per_hour": sku.price.usd_per_hour,
+            "throughput_per_s": best["throughput_per_s"], "batch_size": best["batch_size"],
+            "price_source": sku.price.source, "price_date": sku.price.date}
+
+
+def _artifact_ref(art: Any) -> dict[str, Any]:
+    files = art.meta["files"]
+    return {"key": art.key, "content_digest": art.meta["content_digest"], "path": str(art.path),
+            "size_bytes": sum(f["bytes"] for f in files.values()), "files": sorted(files)}

@@ -1,0 +1,92 @@
+"""State shared by the stages of one build, and helpers every stage uses."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from mlopt.compiler import ingest
+from mlopt.compiler.data import Batches, concat_outputs, load_batches, score
+from mlopt.recipes.schema import Recipe
+from mlopt.store import Store
+from mlopt.targets.backends import package_version
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Run:
+    """State shared by the stages of one build."""
+
+    recipe: Recipe
+    store: Store
+    log: Log
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.log(f"[stage] {name}")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+    # -------------------------------------------------------- data, loaded on first use
+    def data_key(self, which: str) -> str | None:
+        src = getattr(self.recipe.data, which)
+        if src is None:
+            return None
+        h = hashlib.sha256(json.dumps(src.model_dump(mode="json"), sort_keys=True).encode())
+        for part in (src.source.rpartition(":")[0] or src.source, getattr(src, "metric", "").rpartition(":")[0]):
+            if part and Path(part).is_file():
+                h.update(Path(part).read_bytes())
+        return h.hexdigest()
+
+    @cached_property
+    def evaluation(self) -> Batches | None:
+        ev = self.recipe.data.evaluation
+        return load_batches(ev, self.inputs) if ev else None
+
+    @cached_property
+    def calibration(self) -> Batches | None:
+        cal = self.recipe.data.calibration
+        return load_batches(cal, self.inputs) if cal else None
+
+    inputs: tuple = ()
+
+    def sample_feed(self, batch: int) -> dict[str, np.ndarray]:
+        """A feed of ``batch`` rows: real evaluation rows where shapes allow, else seeded random."""
+        plan = self.recipe.benchmark
+        shapes = {i.name: i.concrete({**plan.dims, self.recipe.model.batch_axis: batch}) for i in self.inputs}
+        if self.evaluation is not None:
+            first = self.evaluation.feeds[0]
+            if all(first[n].shape[1:] == s[1:] for n, s in shapes.items()):
+                reps = math.ceil(batch / len(next(iter(first.values()))))
+                return {n: np.ascontiguousarray(np.concatenate([first[n]] * reps)[:batch]) for n in shapes}
+        return ingest.random_feed(self.inputs, shapes)
+
+
+def evaluate(run: Run, runner: Callable, reference: dict[str, Any]) -> float:
+    ev = run.recipe.data.evaluation
+    outs = concat_outputs([runner(f) for f in run.evaluation.feeds])
+    return score(ev, outs, run.evaluation.labels, reference["outputs"]())
+
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(max(x, 1e-9)) for x in xs) / len(xs))
+
+
+
+def toolchain() -> dict[str, str]:
+    return {p: package_version(p) for p in ("mlopt", "onnx", "onnxruntime", "onnxscript", "torch", "apache-tvm", "numpy")}
