@@ -144,6 +144,24 @@ def test_weight_only_and_fp16(tmp_path: Path) -> None:
     assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # io types kept
 
 
+def test_bf16_stores_bfloat16_weights(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    x, y = _digits()
+    flat = x.reshape(len(x), 64)
+    model = _model(_mlp(), tmp_path, ["batch", 64], flat)
+    new, _ = get_pass("quantize")(model, QuantizePass(kind="quantize", mode="bf16"), _ctx(tmp_path, flat, y, ["batch", 64]))
+    proto = onnx.load(str(new.onnx_path))
+    weights = [i for i in proto.graph.initializer if len(i.dims) == 2]
+    assert weights and all(i.data_type == TensorProto.BFLOAT16 for i in weights)
+    assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    ref = onnx.load(str(model.onnx_path))
+    w32 = next(numpy_helper.to_array(i) for i in ref.graph.initializer if len(i.dims) == 2)
+    w16 = numpy_helper.to_array(weights[0]).astype(np.float32)
+    assert np.allclose(np.sort(w16.ravel()), np.sort(w32.ravel()), rtol=1e-2, atol=1e-3)  # bf16 rounding only
+
+
 def test_search_keeps_fastest_inside_budget(tmp_path: Path) -> None:
     x, y = _digits()
     flat = x.reshape(len(x), 64)

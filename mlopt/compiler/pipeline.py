@@ -21,7 +21,7 @@ from mlopt.compiler.data import concat_outputs, score
 from mlopt.compiler.model import Model
 from mlopt.compiler.passes import CHANGES_OUTPUTS, TORCH_PASSES, PassContext, get_pass
 from mlopt.compiler.run import Log, Run, evaluate, geomean, toolchain
-from mlopt.errors import BadInput, BudgetExceeded
+from mlopt.errors import BackendUnavailable, BadInput, BudgetExceeded
 from mlopt.manifest import Manifest, write_manifest
 from mlopt.recipes.load import dump_recipe
 from mlopt.recipes.schema import Recipe
@@ -280,7 +280,16 @@ def _gate(run: Run, old: Model, new: Model, step: Any, reference: dict[str, Any]
         raise BadInput(f"pass {step.kind} changes outputs, so the recipe needs data.evaluation to judge it")
     ref = reference["accuracy"]["value"]
     # judged as deployed: ONNX Runtime with all its optimizations (int8 fusions change numerics a little)
-    after = evaluate(run, ingest.onnx_runner(new.onnx_path, run.recipe.benchmark.threads, optimize=True), reference)
+    try:
+        runner = ingest.onnx_runner(new.onnx_path, run.recipe.benchmark.threads, optimize=True)
+        after = evaluate(run, runner, reference)
+    except Exception as e:  # e.g. bf16 Gemm: ONNX Runtime's CPU provider has no kernel for it
+        if "NOT_IMPLEMENTED" not in str(e):
+            raise
+        raise BackendUnavailable(
+            f"pass {step.kind} made a model ONNX Runtime's CPU provider cannot run here "
+            f"({str(e).splitlines()[0][:160]}), so its accuracy cannot be judged on this machine",
+            hint="fp16/bf16 models are for SKUs whose runtime has those kernels (GPU SKUs)") from None
     drop = ref - after
     out = {"accuracy_before": ref, "accuracy_after": after}
     if drop <= run.recipe.accuracy.max_drop:
