@@ -6,6 +6,7 @@ ONNX Runtime) are imported inside commands, so ``mlopt --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
@@ -177,6 +178,7 @@ def compile_cmd(
             return 0
         from mlopt.compiler.pipeline import build
         from mlopt.store import Store
+        from mlopt.util import stdout_to_stderr
 
         st = Store(recipe.store)
         console = err if as_json else out  # with --json, stdout carries only the manifest
@@ -186,7 +188,8 @@ def compile_cmd(
                 if message.startswith("[stage] "):
                     status.update(f"compiling {recipe.name}: {message[8:]} ...")
 
-            result = build(recipe, st, log)
+            with stdout_to_stderr() if as_json else contextlib.nullcontext():
+                result = build(recipe, st, log)
         if as_json:
             typer.echo(json.dumps(result.manifest.model_dump(mode="json"), indent=2))
         else:

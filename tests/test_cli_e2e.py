@@ -74,6 +74,27 @@ def test_rerun_is_served_from_the_store(digits_build: dict) -> None:
     assert m["stage_seconds"]["ingest"] < 2.0
 
 
+def test_json_output_is_only_the_manifest(tmp_path) -> None:
+    """Libraries that print to stdout (calibration progress, tuning tables) must not corrupt --json."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import tiny_onnx
+
+    code = ("import os; os.write(1, b'noise from a library\\n'); print('more noise')")
+    (tmp_path / "noisy.py").write_text(f"def batches():\n    {code}\n    import numpy as np\n"
+                                       "    yield {'x': np.ones((4, 4), np.float32)}\n")
+    model = tiny_onnx(tmp_path / "m.onnx")
+    out = subprocess.run([sys.executable, "-m", "mlopt.cli", "compile", str(model), "--json", "--runs", "3",
+                          "--batch-sizes", "1", "--backend", "onnxruntime", "--target", "cpu-x86-64-v4",
+                          "--eval-data", f"{tmp_path / 'noisy.py'}:batches", "--store", str(tmp_path / "s"),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["status"] == "ok"
+    assert "noise from a library" in out.stderr
+
+
 def test_artifacts_commands(digits_build: dict) -> None:
     store = str(digits_build["store"])
     res = runner.invoke(app, ["artifacts", "list", "--store", store, "--json"])

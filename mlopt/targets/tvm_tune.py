@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterator
 from mlopt.errors import BackendUnavailable
 from mlopt.store import key_of
 from mlopt.targets.backends import BuildRequest
+from mlopt.util import stdout_to_stderr
 
 FAILED_RUN = 1e9  # MetaSchedule stores failed trials with run_secs = 1e10
 
@@ -26,23 +26,6 @@ FAILED_RUN = 1e9  # MetaSchedule stores failed trials with run_secs = 1e10
 def _builder_init() -> None:
     """Import once per builder worker, outside the build timeout (the import takes 15-50 s)."""
     import tvm.s_tir.tensor_intrin  # noqa: F401
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """MetaSchedule prints its task tables to file descriptor 1; keep stdout clean for --json."""
-    import sys
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # its Python loggers write to sys.stdout too
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 @contextlib.contextmanager
@@ -66,7 +49,7 @@ def tune_static(proto: Any, req: BuildRequest, target_dict: dict[str, Any], out:
     sizes = sorted(req.batch_sizes)
     per_size = max(1, math.ceil(req.tuning_trials / len(sizes)))
     tuned_files, report = {}, {"database": str(db_dir), "batches": []}
-    with _locked(db_dir), _stdout_to_stderr():
+    with _locked(db_dir), stdout_to_stderr():
         db = ms.database.JSONDatabase(work_dir=str(db_dir))
         for b in sizes:
             shapes = {i.name: list(i.concrete({**req.dims, req.batch_axis: b})) for i in req.model.inputs}
