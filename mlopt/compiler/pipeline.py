@@ -46,7 +46,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
     _check_names(recipe)
     out_dir = _output_dir(recipe)
     with run.stage("ingest"):
-        model, ingest_cached = _ingest(run)
+        model, _ = _ingest(run)
     run.inputs = model.inputs
     _check_dims(recipe, model)
     with run.stage("reference"):
