@@ -7,6 +7,7 @@ so a second run of an unchanged recipe replays from the store in about a second.
 from __future__ import annotations
 
 import hashlib
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from mlopt import __version__
 from mlopt.compiler import ingest
 from mlopt.compiler.builds import build_sku
 from mlopt.compiler.data import concat_outputs, score
+from mlopt.compiler.measure import time_runner
 from mlopt.compiler.model import Model
 from mlopt.compiler.passes import CHANGES_OUTPUTS, TORCH_PASSES, PassContext, get_pass
 from mlopt.compiler.run import Log, Run, evaluate, geomean, toolchain
@@ -170,19 +172,9 @@ def _reference(run: Run, model: Model) -> dict[str, Any]:
 def _onnx_latency(run: Run, path: Path) -> float:
     """ms: geometric mean over the plan's batch sizes of the median of a few ONNX Runtime runs."""
     plan = run.recipe.benchmark
+    quick = plan.model_copy(update={"warmup": 2, "runs": 7})
     runner = ingest.onnx_runner(path, plan.threads, optimize=True)
-    medians = []
-    for b in plan.batch_sizes:
-        feed = run.sample_feed(b)
-        for _ in range(2):
-            runner(feed)
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            runner(feed)
-            times.append((time.perf_counter() - t0) * 1000)
-        medians.append(sorted(times)[3])
-    return geomean(medians)
+    return geomean([statistics.median(time_runner(runner, run.sample_feed(b), quick)) for b in plan.batch_sizes])
 
 
 def _pass_context(run: Run, work: Path, reference: dict[str, Any]) -> PassContext:

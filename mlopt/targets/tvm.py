@@ -111,7 +111,7 @@ class TVMBackend(Backend):
         from tvm import relax
         from tvm.relax.frontend.onnx import from_onnx
 
-        mod = _import(proto, shapes, from_onnx)
+        mod = import_onnx(proto, shapes, from_onnx)
         target = tvm.target.Target(target_dict)
         with target:
             mod = relax.get_pipeline("zero")(mod)  # legalize and fuse: the default pipeline does not fuse on CPU
@@ -165,7 +165,7 @@ def _check_ops(proto: Any) -> None:
         )
 
 
-def _import(proto: Any, shapes: dict[str, list[int]] | None, from_onnx: Any) -> Any:
+def import_onnx(proto: Any, shapes: dict[str, list[int]] | None, from_onnx: Any) -> Any:
     try:
         return from_onnx(proto, shape_dict=shapes, keep_params_in_input=False)
     except Exception as e:  # the frontend raises many types; name the failure, keep the message

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 from mlopt.errors import BackendUnavailable
 from mlopt.store import key_of
 from mlopt.targets.backends import BuildRequest
+from mlopt.targets.tvm import import_onnx
 from mlopt.util import stdout_to_stderr
 
 FAILED_RUN = 1e9  # MetaSchedule stores failed trials with run_secs = 1e10
@@ -69,7 +70,7 @@ def _tune_one(proto: Any, shapes: dict[str, list[int]], target_dict: dict[str, A
     from tvm.s_tir import meta_schedule as ms
 
     target = tvm.target.Target(target_dict)
-    mod = from_onnx(proto, shape_dict=shapes, keep_params_in_input=False)
+    mod = import_onnx(proto, shapes, from_onnx)
     with target:
         mod = relax.get_pipeline("zero")(mod)  # tasks are the fused call_tir functions
     tasks = ms.relax_integration.extract_tasks(mod, target)

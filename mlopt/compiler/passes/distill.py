@@ -12,7 +12,7 @@ from typing import Any
 from mlopt.compiler.ingest import load_callable
 from mlopt.compiler.model import Model
 from mlopt.compiler.passes import PassContext, register
-from mlopt.compiler.passes.prune import count, finetune, need_module, prune_structured
+from mlopt.compiler.passes.prune import count, example_args, finetune, need_module, prune_structured
 from mlopt.errors import BadInput
 from mlopt.recipes.schema import DistillPass
 
@@ -53,7 +53,7 @@ def _student(cfg: DistillPass, teacher: Any, feed: dict) -> Any:
 def _check_outputs(student: Any, teacher: Any, feed: dict) -> None:
     import torch
 
-    args = tuple(torch.from_numpy(v) for v in feed.values())
+    args = example_args(feed)
     with torch.no_grad():
         s, t = student(*args), teacher(*args)
     if s.shape != t.shape:

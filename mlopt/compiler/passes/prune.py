@@ -55,16 +55,17 @@ def count(module: Any, feed: dict) -> dict[str, int]:
     import torch
     import torch_pruning as tp
 
-    args = _args(module, feed)
+    args = example_args(feed)
     with torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(module, args)
     return {"macs": int(macs), "params": int(params)}
 
 
-def _args(module: Any, feed: dict) -> tuple:
+def example_args(feed: dict) -> tuple:
+    """A feed's input arrays as the positional tensors of forward() (feeds are in signature order)."""
     import torch
 
-    return tuple(torch.from_numpy(v) for k, v in feed.items() if k != "labels")
+    return tuple(torch.from_numpy(v) for v in feed.values())
 
 
 def head_layers(module: Any, feed: dict) -> list[Any]:
@@ -72,7 +73,7 @@ def head_layers(module: Any, feed: dict) -> list[Any]:
     import torch
 
     with torch.no_grad():
-        out = module(*_args(module, feed))
+        out = module(*example_args(feed))
     width = out.shape[-1]
     last = [m for m in module.modules() if isinstance(m, torch.nn.Linear) and m.out_features == width]
     return last[-1:]
@@ -90,7 +91,7 @@ def prune_structured(module: Any, feed: dict, ratio: float, importance: str, glo
         raise BadInput(f"prune.ignore names modules the model does not have: {missing}")
     imp = {"magnitude": tp.importance.MagnitudeImportance(p=2), "taylor": tp.importance.TaylorImportance(),
            "lamp": tp.importance.LAMPImportance(p=2), "random": tp.importance.RandomImportance()}[importance]
-    args = _args(module, feed)
+    args = example_args(feed)
     pruner = tp.pruner.MetaPruner(module, args, importance=imp, pruning_ratio=ratio, global_pruning=global_pruning,
                                   ignored_layers=head_layers(module, feed) + [named[n] for n in ignore])
     if importance == "taylor":  # Taylor importance needs gradients of a loss
@@ -136,7 +137,7 @@ def finetune(student: Any, teacher: Any, ctx: PassContext, steps: int, lr: float
     torch.manual_seed(0)
     for step in range(steps):
         i = step % len(batches)
-        args = _args(student, batches[i])
+        args = example_args(batches[i])
         with torch.no_grad():
             t_out = teacher(*args)
         s_out = student(*args)

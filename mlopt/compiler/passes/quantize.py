@@ -292,16 +292,12 @@ def _sensitivity(model: Model, cfg: QuantizePass, ctx: PassContext) -> list[str]
     for name in names:
         one = QuantizePass.model_validate({**cfg.model_dump(), "search": False})
         out = ctx.workdir / "sensitivity.onnx"
-        _apply_only(model, one, ctx, name, names, out)
+        _apply(model, one, ctx, [n for n in names if n != name], out)  # only this node quantized
         got = next(iter(run_onnx(out, feed).values()))
         errors[name] = _cos_error(ref, got)
     ctx.log(f"[quantize] sensitivity of {len(names)} nodes; most sensitive: "
             + ", ".join(f"{n} ({errors[n]:.2e})" for n in sorted(errors, key=errors.get, reverse=True)[:4]))
     return sorted(errors, key=errors.get, reverse=True)
-
-
-def _apply_only(model: Model, cfg: QuantizePass, ctx: PassContext, node: str, names: list[str], out: Path) -> None:
-    _apply(model, cfg, ctx, [n for n in names if n != node], out)
 
 
 def _cos_error(a: np.ndarray, b: np.ndarray) -> float:
