@@ -190,6 +190,9 @@ class QuantizePass(Strict):
     calibration_batches: int = Field(8, gt=0, description="Calibration batches taken from data.calibration.")
     op_types: list[str] | None = Field(None, description="Operator types to quantize (default: the mode's).")
     exclude_nodes: list[str] = Field(default_factory=list, description="Node names left in float.")
+    float_input_channels: int = Field(
+        0, ge=0, description="int8-static: Conv layers with at most this many input channels per group (an "
+        "image's first layer) stay in float; int8 kernels are slow on such thin inputs.")
     weight_bits: Literal[4, 8] = Field(4, description="weight-only: bits per weight.")
     block_size: int = Field(32, ge=16, description="weight-only: weights per scale (a power of two).")
     keep_io_types: bool = Field(True, description="fp16/bf16: keep float32 inputs and outputs.")

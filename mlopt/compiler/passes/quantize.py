@@ -19,7 +19,9 @@ from mlopt.compiler.passes import PassContext, register
 from mlopt.errors import BadInput
 from mlopt.recipes.schema import QuantizePass
 
-STATIC_OPS = ["Conv", "MatMul", "Gemm"]  # the compute-heavy ops; quantizing every op collapses accuracy
+# The compute-heavy ops, plus those that are exact in int8 and keep a chain of convolutions in int8
+# (no Dequantize/Quantize between them). Quantizing every op (Add, Softmax ...) collapses accuracy.
+STATIC_OPS = ["Conv", "MatMul", "Gemm", "Relu", "Clip", "MaxPool", "GlobalAveragePool", "AveragePool"]
 DYNAMIC_OPS = ["MatMul", "Gemm"]
 CONV_SHARE_LIMIT = 0.5  # int8-dynamic is refused when convolutions hold more of the weights than this
 
@@ -79,14 +81,29 @@ def _static(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration]
     cache = ctx.workdir / f"calibration-{cfg.calibration}-{'-'.join(sorted(ops))}.json"
+    pre = _preprocessed(model, ctx)
+    thin = thin_convs(pre, cfg.float_input_channels)
+    exclude = sorted(set(exclude) | set(thin))
     quantize_static(
-        str(_preprocessed(model, ctx)), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ,
+        str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=ops, per_channel=cfg.per_channel, activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
         calibration_cache_path=str(cache), extra_options={"CalibMovingAverage": cfg.calibration == "minmax"},
     )
     return {"per_channel": cfg.per_channel, "calibration": cfg.calibration, "calibration_batches": len(feeds),
-            "op_types": ops}
+            "op_types": ops, "thin_convs_in_float": thin}
+
+
+def thin_convs(path: Path, max_channels: int) -> list[str]:
+    """Conv nodes whose weights have at most ``max_channels`` input channels per group."""
+    import onnx
+
+    if max_channels <= 0:
+        return []
+    proto = onnx.load(str(path))
+    dims = {i.name: list(i.dims) for i in proto.graph.initializer}
+    return [n.name for n in proto.graph.node
+            if n.op_type == "Conv" and len(dims.get(n.input[1], [])) == 4 and dims[n.input[1]][1] <= max_channels]
 
 
 def _dynamic(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str], out: Path) -> dict[str, Any]:
@@ -206,8 +223,10 @@ def _counts(path: Path) -> dict[str, Any]:
 
     proto = onnx.load(str(path))
     ops = [n.op_type for n in proto.graph.node]
+    zero_points = {n.input[2] for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2}
+    zero_points |= {x for n in proto.graph.node if n.op_type in ("MatMulInteger", "ConvInteger") for x in n.input[2:]}
     int8 = sum(1 for i in proto.graph.initializer if i.data_type in (TensorProto.INT8, TensorProto.UINT8)
-               and int(np.prod(i.dims)) > 1)
+               and int(np.prod(i.dims)) > 1 and i.name not in zero_points)
     return {"quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
             "integer_ops": sum(ops.count(o) for o in ("MatMulInteger", "ConvInteger", "DynamicQuantizeLinear",
                                                        "MatMulNBits", "QLinearConv", "QLinearMatMul")),
