@@ -49,18 +49,18 @@ def _mlp():
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
 
 
-def _model(module, tmp: Path, shape: list, x: np.ndarray) -> Model:
-    src = ModelSource(source="built.py:in_test", inputs=[InputSpec(name="x", shape=shape)])
+def _model(module, tmp: Path, shape: list, x: np.ndarray, dtype: str = "float32") -> Model:
+    src = ModelSource(source="built.py:in_test", inputs=[InputSpec(name="x", shape=shape, dtype=dtype)])
     m = ingest.export_torch(src, module, tmp / "src.onnx", "t", {"x": x[:4]})
     return Model(name="t", onnx_path=m.onnx_path, inputs=m.inputs, outputs=m.outputs, digest=m.digest,
                  module_fn=lambda: module)
 
 
-def _ctx(tmp: Path, x: np.ndarray, y: np.ndarray | None, shape: list, **kw) -> PassContext:
+def _ctx(tmp: Path, x: np.ndarray, y: np.ndarray | None, shape: list, dtype: str = "float32", **kw) -> PassContext:
     work = tmp / "work"
     work.mkdir(exist_ok=True)
     feeds = [{"x": x[i:i + 64]} for i in range(0, len(x), 64)]
-    src = ModelSource(source="built.py:in_test", inputs=[InputSpec(name="x", shape=shape)])
+    src = ModelSource(source="built.py:in_test", inputs=[InputSpec(name="x", shape=shape, dtype=dtype)])
     return PassContext(workdir=work, calibration=Batches(feeds, y, "d"),
                        export=lambda mod, out: ingest.export_torch(src, mod, out, "t", {"x": x[:4]}), **kw)
 
@@ -214,6 +214,37 @@ def test_structured_prune_removes_channels(tmp_path: Path) -> None:
     assert pruned[-1].out_features == 10  # the head keeps its outputs
 
 
+def test_structured_prune_removes_attention_heads(tmp_path: Path) -> None:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=16)
+            self.bert = BertModel(cfg, add_pooling_layer=False)
+            self.head = torch.nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(self.bert(input_ids=x).last_hidden_state[:, 0])
+
+    rng = np.random.default_rng(0)
+    ids, y = rng.integers(0, 50, (128, 8)).astype(np.int64), rng.integers(0, 3, 128).astype(np.int64)
+    model = _model(Classifier().eval(), tmp_path, ["batch", 8], ids, dtype="int64")
+    from mlopt.recipes.schema import PrunePass
+
+    cfg = PrunePass(kind="prune", ratio=0.0, heads=0.5, finetune_steps=5)
+    new, details = get_pass("prune")(model, cfg, _ctx(tmp_path, ids, y, ["batch", 8], dtype="int64"))
+    pruned = new.module_fn()
+    attn = pruned.bert.encoder.layer[0].attention
+    assert attn.self.num_attention_heads == 2 and attn.self.query.out_features == 16  # 2 heads of 8 dims
+    assert attn.output.dense.in_features == 16
+    assert "attention heads 8 -> 4" in details["note"] and details["macs_after"] < details["macs_before"]
+    assert ingest.run_onnx(new.onnx_path, {"x": ids[:4]})["output"].shape == (4, 3)
+
+
 def test_unstructured_prune_says_it_is_not_faster(tmp_path: Path) -> None:
     x, y = _digits()
     model = _model(_train(_cnn(), x, y), tmp_path, ["batch", 1, 8, 8], x)
@@ -302,6 +333,8 @@ def test_gate_skips_when_told_and_manifest_says_so(tmp_path: Path) -> None:
     ({"kind": "distill", "student": "nofactory"}, "passes.0.distill.student"),
     ({"kind": "distill", "student": {"from": "prune"}, "alpha": 2}, "passes.0.distill.alpha"),
     ({"kind": "prune", "ratios": 0.5}, "passes.0.prune.ratios"),
+    ({"kind": "prune", "ratio": 0, "heads": 0}, "nothing to prune"),
+    ({"kind": "prune", "method": "unstructured", "heads": 0.5}, "structured pruning only"),
 ])
 def test_recipe_rejects_bad_pass_configs(step: dict, field: str) -> None:
     with pytest.raises(RecipeError) as e:

@@ -215,12 +215,22 @@ class PrunePass(Strict):
     name: str | None = None
     on_violation: Literal["fail", "skip"] | None = None
     method: Literal["structured", "unstructured"] = "structured"
-    ratio: float = Field(0.5, gt=0, lt=1, description="Fraction of channels (structured) or weights (unstructured) removed.")
+    ratio: float = Field(0.5, ge=0, lt=1, description="Fraction of channels (structured) or weights (unstructured) removed.")
+    heads: float = Field(0.0, ge=0, lt=1, description="structured: fraction of attention heads removed in BERT-style "
+                         "self-attention (query/key/value Linear layers and an output projection), lowest norm first.")
     importance: Literal["magnitude", "taylor", "lamp", "random"] = Field("magnitude", description="Channel importance criterion.")
     global_pruning: bool = Field(False, description="Rank channels across layers (True) or prune each layer by ratio.")
     ignore: list[str] = Field(default_factory=list, description="Module names left whole (the classifier head is always kept).")
     finetune_steps: int = Field(200, ge=0, description="Fine-tuning steps on data.calibration after pruning (labels needed).")
     lr: float = Field(1e-3, gt=0, description="Fine-tuning learning rate (Adam).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrunePass":
+        if self.ratio == 0 and self.heads == 0:
+            raise ValueError("nothing to prune: set ratio (channels or weights) or heads above 0")
+        if self.heads and self.method != "structured":
+            raise ValueError("heads applies to structured pruning only")
+        return self
 
 
 class StudentFromPrune(Strict):

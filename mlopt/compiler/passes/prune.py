@@ -28,9 +28,13 @@ def prune(model: Model, cfg: PrunePass, ctx: PassContext) -> tuple[Model, dict[s
         raise BadInput("prune needs data.calibration: example inputs for the dependency graph and fine-tuning")
     before = count(module, feed)
     if cfg.method == "structured":
-        prune_structured(module, feed, cfg.ratio, cfg.importance, cfg.global_pruning, cfg.ignore)
+        heads = prune_heads(module, cfg.heads) if cfg.heads else None
+        if cfg.ratio:
+            prune_structured(module, feed, cfg.ratio, cfg.importance, cfg.global_pruning, cfg.ignore)
         losses = finetune(module, model.module_fn(), ctx, cfg.finetune_steps, cfg.lr)
         note = "channels removed: the model is smaller and dense, so it runs faster"
+        if heads:
+            note += f"; attention heads {heads[0]} -> {heads[1]}"
     else:
         sparsity = prune_unstructured(module, cfg.ratio, cfg.ignore)
         losses = finetune(module, model.module_fn(), ctx, cfg.finetune_steps, cfg.lr, keep_zeros=True)
@@ -99,6 +103,57 @@ def prune_structured(module: Any, feed: dict, ratio: float, importance: str, glo
         module(*args).float().pow(2).mean().backward()
     torch.manual_seed(0)
     pruner.step()
+
+
+def prune_heads(module: Any, ratio: float) -> tuple[int, int]:
+    """Remove the lowest-norm attention heads of BERT-style blocks in place; return (heads before, after).
+
+    A block is a module with ``self`` (query/key/value Linear layers, num_attention_heads,
+    attention_head_size) and ``output.dense`` (the projection back to the hidden size).
+    """
+    import torch
+
+    before = after = 0
+    for parent in module.modules():
+        att, proj = getattr(parent, "self", None), getattr(getattr(parent, "output", None), "dense", None)
+        if not isinstance(proj, torch.nn.Linear) or not all(
+                isinstance(getattr(att, p, None), torch.nn.Linear) for p in ("query", "key", "value")):
+            continue
+        h, d = att.num_attention_heads, att.attention_head_size
+        keep_n = max(1, h - round(h * ratio))
+        norms = sum(getattr(att, p).weight.detach().view(h, d, -1).pow(2).sum((1, 2)) for p in ("query", "key", "value"))
+        keep = sorted(norms.argsort(descending=True)[:keep_n].tolist())
+        idx = torch.cat([torch.arange(k * d, (k + 1) * d) for k in keep])
+        for p in ("query", "key", "value"):
+            setattr(att, p, _rows(getattr(att, p), idx))
+        parent.output.dense = _columns(proj, idx)
+        att.num_attention_heads, att.all_head_size = keep_n, len(idx)
+        before, after = before + h, after + keep_n
+    if not before:
+        raise BadInput("prune.heads is set, but the model has no BERT-style attention blocks to prune")
+    return before, after
+
+
+def _rows(layer: Any, idx: Any) -> Any:
+    import torch
+
+    new = torch.nn.Linear(layer.in_features, len(idx), bias=layer.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(layer.weight[idx])
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias[idx])
+    return new
+
+
+def _columns(layer: Any, idx: Any) -> Any:
+    import torch
+
+    new = torch.nn.Linear(len(idx), layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(layer.weight[:, idx])
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+    return new
 
 
 def prune_unstructured(module: Any, ratio: float, ignore: list[str]) -> float:
