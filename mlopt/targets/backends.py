@@ -17,6 +17,9 @@ from mlopt.targets.catalog import SKU
 BACKENDS: dict[str, str] = {
     "onnxruntime": "mlopt.targets.ort:OrtBackend",
     "tvm": "mlopt.targets.tvm:TVMBackend",
+    "openvino": "mlopt.targets.openvino:OpenVINOBackend",
+    "tensorrt": "mlopt.targets.engines:TensorRTBackend",
+    "migraphx": "mlopt.targets.engines:MIGraphXBackend",
 }
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]

@@ -1,17 +1,23 @@
 """The SKU catalog: one YAML file of data (``catalog.yaml``); users pass their own with ``--catalog``.
 
-A SKU's abilities are data (arch, dtypes, needs_gpu, backend order, compiler targets) that the
-backends read; nothing in the code branches on a vendor name.
+A SKU's abilities are data (arch, dtypes, needs_gpu, backend order, compiler targets, execution
+providers) that the backends read; nothing in the code branches on a vendor name.
+
+A user's catalog file extends the bundled one by default (``extends: bundled``): its ``skus`` add
+new SKUs or replace bundled ones of the same name, and ``overrides`` patch fields of bundled SKUs
+(a fleet's own prices, for example). ``extends: none`` makes the file the whole catalog.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mlopt.errors import BadInput, UnknownName
 
@@ -23,26 +29,49 @@ class Strict(BaseModel):
 
 
 class Price(Strict):
-    usd_per_hour: float = Field(gt=0, description="On-demand price of one instance of this SKU.")
+    usd_per_hour: float = Field(gt=0, description="On-demand price of one unit of this SKU (one GPU, or one instance for CPU SKUs).")
     source: str = Field(description="Where the price comes from (a public price list and the instance type).")
     date: str = Field(description="When the price was recorded (YYYY-MM).")
 
 
 class Requirements(Strict):
-    driver: str | None = Field(None, description="Minimum kernel driver version (NVIDIA/AMD/Intel).")
-    runtimes: dict[str, str] = Field(default_factory=dict, description="Minimum runtime versions, e.g. {cuda: '12.4'}.")
+    driver: str | None = Field(None, description="Minimum kernel driver version (NVIDIA driver, amdgpu, Intel compute runtime).")
+    runtimes: dict[str, str] = Field(default_factory=dict,
+                                     description="Minimum runtime versions: cuda, rocm, oneapi, level_zero.")
     cpu_flags: list[str] = Field(default_factory=list, description="CPU flags the code needs (from /proc/cpuinfo).")
 
 
 class Kubernetes(Strict):
     resource: str | None = Field(None, description="Extended resource to request, e.g. nvidia.com/gpu.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels that select this SKU.")
+    operator: str | None = Field(None, description="The cluster operator that manages this SKU's drivers.")
+
+
+class Peak(Strict):
+    """Dense peak rates from the vendor's data sheet (no sparsity); null where the sheet gives none."""
+
+    fp32_tflops: float | None = Field(None, gt=0)
+    fp16_tflops: float | None = Field(None, gt=0)
+    bf16_tflops: float | None = Field(None, gt=0)
+    int8_tops: float | None = Field(None, gt=0)
+    fp8_tflops: float | None = Field(None, gt=0)
+    source: str = Field("", description="Where the figures come from.")
+
+
+class Device(Strict):
+    """How detection tools name this SKU, to match what `mlopt doctor` finds."""
+
+    match: list[str] = Field(default_factory=list,
+                             description="Regular expressions for the product name reported by nvidia-smi/NVML, "
+                                         "amd-smi/rocm-smi or xpu-smi/sysfs (case-insensitive, searched).")
+    pci_ids: list[str] = Field(default_factory=list, description="PCI vendor:device ids, e.g. '10de:2330'.")
 
 
 class SKU(Strict):
     """One hardware target in a fleet."""
 
-    name: str
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    aliases: list[str] = Field(default_factory=list, description="Other names `--target` accepts.")
     description: str = ""
     vendor: Literal["intel", "amd", "nvidia", "arm", "generic"]
     kind: Literal["cpu", "gpu"]
@@ -50,18 +79,38 @@ class SKU(Strict):
     machine: Literal["x86_64", "aarch64"] = Field("x86_64", description="Host CPU architecture of the SKU.")
     vcpus: int | None = Field(None, gt=0)
     memory_gb: float | None = Field(None, gt=0, description="Host memory (CPU SKUs) or device memory (GPU SKUs).")
+    memory_bandwidth_gbps: float | None = Field(None, gt=0, description="Memory bandwidth in GB/s.")
+    peak: Peak | None = Field(None, description="Peak dense compute rates.")
     dtypes: list[str] = Field(default_factory=lambda: ["float32"], description="Precisions the hardware runs fast.")
     price: Price | None = None
+    price_note: str | None = Field(None, description="Why there is no price, where there is none.")
     requirements: Requirements = Field(default_factory=Requirements)
     base_image: str | None = Field(None, description="Container base image for serving.")
     kubernetes: Kubernetes = Field(default_factory=Kubernetes)
+    device: Device = Field(default_factory=Device)
     backends: list[str] = Field(description="Backends to try, in order.")
     tvm_target: dict[str, Any] | None = Field(None, description="TVM target (dict form) for this SKU.")
+    onnxruntime_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"],
+                                             description="ONNX Runtime execution providers to serve with, in order.")
+    openvino_device: str | None = Field(None, description="OpenVINO device name (CPU, GPU) for this SKU.")
     threads: int | None = Field(None, gt=0, description="Threads a deployment uses (defaults to the benchmark plan's).")
 
     @property
     def needs_gpu(self) -> bool:
         return self.kind == "gpu"
+
+    @field_validator("device")
+    @classmethod
+    def _regexes_compile(cls, v: Device) -> Device:
+        for pattern in v.match:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"device.match {pattern!r} is not a regular expression: {e}") from None
+        return v
+
+    def matches_device(self, product: str) -> bool:
+        return any(re.search(p, product, re.IGNORECASE) for p in self.device.match)
 
 
 class Catalog(Strict):
@@ -69,30 +118,89 @@ class Catalog(Strict):
     skus: list[SKU]
 
     def get(self, name: str) -> SKU:
+        wanted = name.lower()
         for sku in self.skus:
-            if sku.name == name:
+            if wanted == sku.name or wanted in sku.aliases:
                 return sku
+        names = [s.name for s in self.skus] + [a for s in self.skus for a in s.aliases]
+        close = difflib.get_close_matches(wanted, names, n=1)
         raise UnknownName(
-            f"unknown SKU {name!r}; choose from {', '.join(s.name for s in self.skus)}",
+            f"unknown SKU {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; choose from {', '.join(s.name for s in self.skus)}",
             hint="`mlopt targets` lists the catalog; add your own with --catalog FILE",
         )
 
 
+class _UserFile(Strict):
+    catalog_version: Literal[1] = 1
+    extends: Literal["bundled", "none"] = "bundled"
+    skus: list[dict[str, Any]] = Field(default_factory=list)
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
 def load_catalog(path: str | Path | None = None) -> Catalog:
-    """The bundled catalog, or the one at ``path``."""
-    return _load(str(Path(path).resolve()) if path else str(BUNDLED))
+    """The bundled catalog, or the bundled one extended by the file at ``path``."""
+    return _load(str(Path(path).resolve()) if path else None)
+
+
+def _read(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"catalog {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise BadInput(f"catalog {path} is not valid YAML: {e}") from None
+
+
+def _problem(path: Path, e: ValidationError, skus: list[dict[str, Any]]) -> BadInput:
+    err = e.errors()[0]
+    loc = list(err["loc"])
+    where = ".".join(str(p) for p in loc)
+    if len(loc) >= 2 and loc[0] == "skus" and isinstance(loc[1], int) and loc[1] < len(skus):
+        where = f"SKU {skus[loc[1]].get('name', loc[1])!r}: " + ".".join(str(p) for p in loc[2:])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        known = list(SKU.model_fields) if len(loc) == 3 else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        msg = f"unknown field {loc[-1]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return BadInput(f"catalog {path} is invalid: {where}: {msg}", hint="every field is described in mlopt/targets/catalog.py")
 
 
 @lru_cache(maxsize=8)
-def _load(path: str) -> Catalog:
+def _load(path: str | None) -> Catalog:
+    bundled = _read(BUNDLED)
+    if path is None:
+        return _validate(BUNDLED, bundled)
+    raw = _read(Path(path))
+    if not isinstance(raw, dict):
+        raise BadInput(f"catalog {path} must be a mapping with a 'skus' list")
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        user = _UserFile.model_validate(raw)
+    except ValidationError as e:
+        raise _problem(Path(path), e, raw.get("skus") or []) from None
+    base = [] if user.extends == "none" else list(bundled["skus"])
+    by_name = {s["name"]: i for i, s in enumerate(base)}
+    for sku in user.skus:
+        if sku.get("name") in by_name:
+            base[by_name[sku["name"]]] = sku
+        else:
+            by_name[sku.get("name")] = len(base)
+            base.append(sku)
+    for name, patch in user.overrides.items():
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=1)
+            raise BadInput(f"catalog {path} overrides unknown SKU {name!r}"
+                           + (f" (did you mean {close[0]!r}?)" if close else ""))
+        base[by_name[name]] = {**base[by_name[name]], **patch}
+    return _validate(Path(path), {"catalog_version": 1, "skus": base})
+
+
+def _validate(path: Path, raw: Any) -> Catalog:
+    try:
         catalog = Catalog.model_validate(raw)
-    except FileNotFoundError:
-        raise BadInput(f"catalog {path} does not exist") from None
-    except (yaml.YAMLError, ValidationError) as e:
-        raise BadInput(f"catalog {path} is invalid: {str(e).splitlines()[0]} ... {str(e).splitlines()[1:3]}") from None
-    names = [s.name for s in catalog.skus]
+    except ValidationError as e:
+        raise _problem(path, e, (raw or {}).get("skus") or [] if isinstance(raw, dict) else []) from None
+    names = [n for s in catalog.skus for n in (s.name, *s.aliases)]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise BadInput(f"catalog {path} names SKUs twice: {', '.join(sorted(dup))}")
