@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mlopt.errors import BadInput
 from mlopt.recipes.schema import InputSpec
 
-MANIFEST_SCHEMA_VERSION = "1.0"
+MANIFEST_SCHEMA_VERSION = "1.1"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "manifest.schema.json"
 
 
@@ -94,8 +94,10 @@ class ArtifactRef(Strict):
 class Candidate(Strict):
     backend: str
     status: Literal["built", "failed", "unavailable"]
-    compiled: Literal["here", "cross"] | None = Field(
-        None, description="'here': built for this machine's hardware; 'cross': built for hardware not present."
+    compiled: Literal["here", "cross", "on-device"] | None = Field(
+        None, description="'here': built for this machine's hardware; 'cross': built here for hardware not present; "
+                          "'on-device': a build plan (ONNX plus an entry point) that builds the engine when the "
+                          "container first starts on the SKU, so it has no figures until measured there."
     )
     reason: str = ""
     precision: str | None = None
@@ -169,7 +171,7 @@ class RecipeRef(Strict):
 
 
 class Manifest(Strict):
-    schema_version: Literal["1.0"] = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1"] = MANIFEST_SCHEMA_VERSION
     mlopt_version: str
     created: str
     recipe: RecipeRef
