@@ -23,7 +23,7 @@ def test_compile_succeeds_and_writes_valid_manifest(digits_build: dict) -> None:
     assert res.exit_code == 0, res.output
     m = _manifest(digits_build)
     jsonschema.validate(m, json.loads(SCHEMA_FILE.read_text()))
-    assert m["schema_version"] == "1.0" and m["status"] == "ok"
+    assert m["schema_version"] == "1.1" and m["status"] == "ok"
     assert [e["sku"] for e in m["entries"]] == ["cpu-x86-64-v4", "cpu-aarch64-neoverse-v1"]
 
 
