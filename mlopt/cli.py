@@ -226,12 +226,18 @@ def _summary(m: Any) -> None:
 # ------------------------------------------------------------------ targets and doctor
 
 
-@app.command("targets")
-def targets_cmd(
-    catalog: Optional[Path] = typer.Option(None, "--catalog", help="A SKU catalog file."),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
+targets_app = typer.Typer(help="The SKU catalog: `mlopt targets` lists it, `mlopt targets show h100` shows one SKU.")
+app.add_typer(targets_app, name="targets")
+CatalogOpt = typer.Option(None, "--catalog", help="A SKU catalog file (extends the bundled one).")
+
+
+@targets_app.callback(invoke_without_command=True)
+def targets_cmd(ctx: typer.Context, catalog: Optional[Path] = CatalogOpt,
+                as_json: bool = typer.Option(False, "--json")) -> None:
     """The SKU catalog as a table."""
+    if ctx.invoked_subcommand is not None:
+        return
+
     def go() -> None:
         from mlopt.targets.catalog import load_catalog
 
@@ -240,45 +246,64 @@ def targets_cmd(
             typer.echo(json.dumps(cat.model_dump(mode="json"), indent=2))
             return
         t = Table(title="SKU catalog")
-        for col in ("name", "kind", "vendor", "arch", "memory GB", "$/hour", "backends", "base image"):
+        for col in ("name", "kind", "vendor", "arch", "memory GB", "fp16 TFLOPS", "$/hour", "backends"):
             t.add_column(col)
         for s in cat.skus:
+            fp16 = s.peak.fp16_tflops if s.peak else None
             t.add_row(s.name, s.kind, s.vendor, s.arch, f"{s.memory_gb:g}" if s.memory_gb else "-",
-                      f"{s.price.usd_per_hour:g}" if s.price else "-", ", ".join(s.backends), s.base_image or "-")
+                      f"{fp16:g}" if fp16 else "-", f"{s.price.usd_per_hour:g}" if s.price else "-",
+                      ", ".join(s.backends))
         out.print(t)
     guarded(go)
 
 
-@app.command("doctor")
-def doctor_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
-    """What this machine has: CPU features, GPUs and drivers, toolchains, and which SKUs it can run."""
+@targets_app.command("show")
+def targets_show(name: str = typer.Argument(..., help="SKU name or alias, e.g. h100."),
+                 catalog: Optional[Path] = CatalogOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Everything the catalog says about one SKU, and what this machine can build for it."""
     def go() -> None:
-        from mlopt.targets import detect
         from mlopt.targets.catalog import load_catalog
+        from mlopt.targets.show import availability_rows, sku_rows
 
-        report = {"host": detect.host(), "gpus": detect.gpus(), "toolchains": detect.toolchains(),
-                  "skus": {s.name: dict(zip(("runs_here", "reason"), detect.host_runs(s)))
-                           for s in load_catalog().skus}}
+        sku = load_catalog(catalog).get(name)
+        rows = availability_rows(sku)
         if as_json:
-            typer.echo(json.dumps(report, indent=2))
+            typer.echo(json.dumps({**sku.model_dump(mode="json"), "here": rows}, indent=2))
             return
-        h = report["host"]
-        out.print(f"[bold]CPU[/] {h['cpu']} ({h['machine']}, {h['cores']} logical cores, level {h['x86_level']})")
-        out.print(f"[bold]features[/] {', '.join(h['features']) or '-'}")
-        out.print("[bold]GPUs[/] " + (", ".join(f"{g['vendor']} {g['name']} driver {g['driver']}" for g in report["gpus"])
-                                      or "none found (nvidia-smi, /sys/class/kfd, /sys/class/drm)"))
-        t = Table(title="toolchains")
-        t.add_column("tool")
-        t.add_column("version")
-        for k, v in report["toolchains"].items():
+        t = Table(title=f"{sku.name}: {sku.description}", show_header=False)
+        t.add_column("field", style="bold")
+        t.add_column("value")
+        for k, v in sku_rows(sku):
             t.add_row(k, v)
         out.print(t)
-        t = Table(title="catalog SKUs on this machine")
-        t.add_column("SKU")
-        t.add_column("run and measure here")
-        for name, info in report["skus"].items():
-            t.add_row(name, "yes" if info["runs_here"] else f"no: {info['reason']} (cross-compile only)")
-        out.print(t)
+        b = Table(title="backends on this machine")
+        for col in ("backend", "build", "runs here", "why"):
+            b.add_column(col)
+        for r in rows:
+            b.add_row(r["backend"], r["build"], "yes" if r["run"] else "no", r["reason"])
+        out.print(b)
+    guarded(go)
+
+
+@app.command("doctor")
+def doctor_cmd(
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="A SKU catalog file (extends the bundled one)."),
+    sku: Optional[str] = typer.Option(None, "--sku", help="Check this machine against one SKU: exit 4 when its "
+                                                          "device is absent or a requirement fails."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document to stdout."),
+) -> None:
+    """What this machine has (GPUs, drivers, runtimes, toolchains), matched to catalog SKUs with every
+    requirement checked. Exit 4 when a GPU here misses a requirement of its SKU (the fix is printed)."""
+    def go() -> None:
+        from mlopt.targets import doctor
+        from mlopt.targets.catalog import load_catalog
+
+        report = doctor.diagnose(load_catalog(catalog), doctor.environment(), sku)
+        if as_json:
+            typer.echo(json.dumps(report.to_json(), indent=2))
+        else:
+            doctor.render(report, out)
+        doctor.raise_for(report)
     guarded(go)
 
 

@@ -19,7 +19,8 @@ from mlopt.targets.catalog import SKU
 
 def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
                reference: dict[str, Any]) -> tuple[dict[str, Any], list[str], int]:
-    names = [b for b in sku.backends if run.recipe.backends is None or b in run.recipe.backends]
+    allowed = run.recipe.backends_for(sku.name, sku.kind)
+    names = [b for b in sku.backends if allowed is None or b in allowed]
     runs_here, why_not = detect.host_runs(sku)
     candidates, errors = [], []
     for name in names:
@@ -37,8 +38,11 @@ def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
         "candidates": candidates,
     }
     if chosen is None and not names:
-        errors.append(f"{sku.name}: none of the recipe's backends {run.recipe.backends} serve this SKU "
+        errors.append(f"{sku.name}: none of the recipe's backends {allowed} serve this SKU "
                       f"(it supports {sku.backends})")
+    elif chosen is None and not errors:
+        errors.append(f"{sku.name}: no backend can build for it here, and none has an on-device (JIT) path: "
+                      + "; ".join(f"{c['backend']}: {c['reason']}" for c in candidates))
     code = 3 if any(c.get("validation") and c["validation"]["status"] == "failed" for c in candidates) else \
         (4 if chosen is None else 0)
     return entry, errors, code
@@ -55,10 +59,12 @@ def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int,
     threads = sku.threads or plan.threads
     key = key_of({"version": version_key, "model": model.digest, "backend": backend.name,
                   "toolchain": backend.toolchain(), "trials": run.recipe.tuning.trials, "threads": threads,
-                  "sku": sku.model_dump(include={"name", "arch", "machine", "tvm_target", "dtypes"})})
+                  # what the code is built for, not the SKU's name: SKUs of one architecture share builds
+                  "sku": sku.model_dump(include={"kind", "vendor", "arch", "machine", "tvm_target", "dtypes",
+                                                 "onnxruntime_providers", "openvino_device"})})
     cand["compiled"] = avail.build
     try:
-        art, cached, validation, seconds = _artifact(run, model, sku, backend, key, threads, avail.run, why_not,
+        art, cached, validation, seconds = _artifact(run, model, sku, backend, key, threads, avail, why_not,
                                                      version)
     except ValidationMismatch as e:
         run.log(f"[{sku.name}] {backend.name}: FAILED validation: {e}")
@@ -72,7 +78,7 @@ def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int,
         run.log(f"[{sku.name}] {backend.name}: failed: {type(e).__name__}: {e}")
         return {**cand, "status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     run.store.link(run.recipe.model_name, version, art.key)
-    cand.update(status="built", reason="" if avail.run else why_not, precision=art.meta["precision"],
+    cand.update(status="built", reason="" if avail.run else (avail.reason or why_not), precision=art.meta["precision"],
                 artifact=_artifact_ref(art), validation=validation, build_seconds=seconds, cached=cached,
                 details=art.meta.get("details", {}), measurement=None)
     if avail.run:
@@ -82,7 +88,7 @@ def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int,
     return cand
 
 
-def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, threads: int, runnable: bool,
+def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, threads: int, avail: Any,
               why_not: str, version: int) -> tuple[Any, bool, dict[str, Any], float]:
     """The stored artifact for ``key``, building and validating it first on a miss."""
     art = run.store.checked(key)
@@ -92,15 +98,15 @@ def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, thre
     req = BuildRequest(model=model, sku=sku, threads=threads, tuning_trials=run.recipe.tuning.trials,
                        tuning_timeout_s=run.recipe.tuning.timeout_s,
                        tuning_dir=run.store.root / "tuning", batch_axis=run.recipe.model.batch_axis, dims=plan.dims,
-                       batch_sizes=tuple(plan.batch_sizes))
+                       batch_sizes=tuple(plan.batch_sizes), device_present=avail.run)
     with run.store.staging() as tmp:
         files = tmp / "artifact"
         files.mkdir()
         t0 = time.perf_counter()
         meta = backend.build(req, files)
         seconds = round(time.perf_counter() - t0, 3)
-        validation = _validate(run, model, backend, files, meta, threads) if runnable else \
-            {"status": "not-run", "reason": why_not}
+        validation = _validate(run, model, backend, files, meta, threads) if avail.run else \
+            {"status": "not-run", "reason": avail.reason or why_not}
         art = run.store.put(key, files, {
             **meta, "model": run.recipe.model_name, "model_digest": model.digest, "sku": sku.name,
             "backend": backend.name, "toolchain": backend.toolchain(), "validation": validation,

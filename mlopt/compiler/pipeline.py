@@ -101,7 +101,7 @@ def _check_names(recipe: Recipe) -> None:
         if step.kind in TORCH_PASSES and seen_quantize:
             raise BadInput(f"pass {step.kind} must come before quantize (it trains the float PyTorch module)")
         seen_quantize |= step.kind == "quantize"
-    for name in recipe.backends or []:
+    for name in recipe.all_backends():
         get_backend(name)  # raises UnknownName listing the backends
 
 

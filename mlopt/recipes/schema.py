@@ -298,8 +298,10 @@ class Recipe(Strict):
     passes: list[PassStep] = Field(default_factory=list, description="Ordered compression/optimization passes.")
     accuracy: AccuracyBudget = Field(default_factory=AccuracyBudget)
     targets: list[str] = Field(default_factory=lambda: ["cpu-x86-64-v4"], description="SKU names from the catalog.")
-    backends: list[str] | None = Field(
-        None, description="Restrict backends to these (default: each SKU's backend order from the catalog)."
+    backends: list[str] | dict[str, list[str]] | None = Field(
+        None, description="Restrict backends to these, kept in each SKU's catalog order (default: every backend of "
+                          "the SKU). A list applies to every SKU; a mapping applies per SKU name, or per SKU kind "
+                          "('cpu', 'gpu'), the name winning: {cpu: [onnxruntime], gpu: [tensorrt, tvm]}."
     )
     tuning: Tuning = Field(default_factory=Tuning)
     benchmark: Benchmark = Field(default_factory=Benchmark)
@@ -324,6 +326,18 @@ class Recipe(Strict):
     @property
     def model_name(self) -> str:
         return self.model.name or self.name
+
+    def backends_for(self, sku_name: str, sku_kind: str) -> list[str] | None:
+        """The backends this recipe allows for a SKU (None: all of the SKU's)."""
+        if self.backends is None or isinstance(self.backends, list):
+            return self.backends
+        return self.backends.get(sku_name, self.backends.get(sku_kind))
+
+    def all_backends(self) -> list[str]:
+        """Every backend name the recipe mentions."""
+        if self.backends is None:
+            return []
+        return self.backends if isinstance(self.backends, list) else [b for v in self.backends.values() for b in v]
 
     def resolve_paths(self, base: Path) -> "Recipe":
         """Return a copy whose relative file paths are resolved against ``base`` (the recipe's folder)."""

@@ -29,7 +29,7 @@ Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 class Availability:
     """What a backend can do for a SKU on this machine."""
 
-    build: Literal["here", "cross", "no"]
+    build: Literal["here", "cross", "on-device", "no"]  # on-device: a plan that builds when it first starts there
     run: bool  # can the build be executed (validated, measured) on this machine?
     reason: str = ""
 
@@ -45,6 +45,7 @@ class BuildRequest:
     batch_axis: str
     dims: dict[str, int]
     batch_sizes: tuple[int, ...] = (1,)  # the benchmark plan's; tuned builds specialise to these
+    device_present: bool = False  # the SKU's device is on this machine (GPU tuning, engine builds)
 
 
 class Backend(ABC):

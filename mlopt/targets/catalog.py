@@ -153,7 +153,8 @@ def _read(path: Path) -> Any:
 
 
 def _problem(path: Path, e: ValidationError, skus: list[dict[str, Any]]) -> BadInput:
-    err = e.errors()[0]
+    errors = e.errors()
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo explains a missing field
     loc = list(err["loc"])
     where = ".".join(str(p) for p in loc)
     if len(loc) >= 2 and loc[0] == "skus" and isinstance(loc[1], int) and loc[1] < len(skus):

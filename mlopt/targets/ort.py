@@ -1,10 +1,18 @@
-"""ONNX Runtime backend: an offline-optimized .onnx plus the session settings to serve it."""
+"""ONNX Runtime backend: an offline-optimized .onnx plus the session settings to serve it.
+
+CPU SKUs get an EXTENDED-optimized model for the CPU provider. GPU SKUs get a model optimized only
+at the BASIC level (provider-independent rewrites, so each execution provider fuses for itself)
+and the session settings for the SKU's execution providers (TensorRT, CUDA, MIGraphX, OpenVINO),
+with the precisions the SKU runs: fp16 where the SKU has it, int8 where the model carries QDQ. The
+GPU runtimes are optional extras (`onnxruntime-gpu`, `onnxruntime-openvino`, `onnxruntime-migraphx`),
+never dependencies; without the provider and the device the build is portable ONNX, not measured.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlopt.compiler.model import onnx_files
 from mlopt.errors import BackendUnavailable
@@ -12,6 +20,56 @@ from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, 
 from mlopt.targets.catalog import SKU
 
 SESSION_FILE = "session.json"
+ENGINE_CACHE = "/var/cache/mlopt"  # a volume in the serving container: engines survive restarts
+EXTRAS = {"TensorrtExecutionProvider": "onnxruntime-gpu", "CUDAExecutionProvider": "onnxruntime-gpu",
+          "MIGraphXExecutionProvider": "onnxruntime-migraphx", "OpenVINOExecutionProvider": "onnxruntime-openvino"}
+
+
+def _trt(sku: SKU, int8: bool) -> dict[str, Any]:
+    return {"device_id": 0, "trt_fp16_enable": "float16" in sku.dtypes, "trt_int8_enable": int8,
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": f"{ENGINE_CACHE}/ort-trt",
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": f"{ENGINE_CACHE}/ort-trt",
+            "trt_builder_optimization_level": 3, "trt_max_workspace_size": 4 << 30}
+
+
+def _cuda(sku: SKU, int8: bool) -> dict[str, Any]:
+    tensor_cores = int(sku.arch.removeprefix("sm_") or 0) >= 70 if sku.arch.startswith("sm_") else False
+    return {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True,
+            "arena_extend_strategy": "kSameAsRequested", "prefer_nhwc": int(tensor_cores),
+            "use_tf32": int("bfloat16" in sku.dtypes)}
+
+
+def _migraphx(sku: SKU, int8: bool) -> dict[str, Any]:
+    return {"device_id": 0, "migraphx_fp16_enable": "float16" in sku.dtypes, "migraphx_int8_enable": int8}
+
+
+def _openvino(sku: SKU, int8: bool) -> dict[str, Any]:
+    return {"device_type": sku.openvino_device or "CPU", "precision": "FP16" if "float16" in sku.dtypes else "FP32",
+            "cache_dir": f"{ENGINE_CACHE}/ort-openvino"}
+
+
+PROVIDER_OPTIONS: dict[str, Callable[[SKU, bool], dict[str, Any]]] = {
+    "TensorrtExecutionProvider": _trt, "CUDAExecutionProvider": _cuda,
+    "MIGraphXExecutionProvider": _migraphx, "OpenVINOExecutionProvider": _openvino,
+    "CPUExecutionProvider": lambda sku, int8: {},
+}
+
+
+def provider_settings(sku: SKU, int8: bool) -> list[list[Any]]:
+    """[[provider, options], ...] in the SKU's order, as ``InferenceSession(providers=...)`` takes them."""
+    unknown = [p for p in sku.onnxruntime_providers if p not in PROVIDER_OPTIONS]
+    if unknown:
+        raise BackendUnavailable(f"{sku.name} names unknown ONNX Runtime providers {unknown}; "
+                                 f"choose from {', '.join(PROVIDER_OPTIONS)}")
+    return [[p, PROVIDER_OPTIONS[p](sku, int8)] for p in sku.onnxruntime_providers]
+
+
+def _precision(sku: SKU, int8: bool) -> str:
+    accelerated = [p for p in sku.onnxruntime_providers if p != "CPUExecutionProvider"]
+    if not accelerated:
+        return "int8" if int8 else "float32"
+    fp16 = "float16" in sku.dtypes and accelerated[0] != "CUDAExecutionProvider"
+    return "+".join(p for p, on in (("int8", int8), ("float16", fp16), ("float32", not fp16)) if on)
 
 
 class OrtBackend(Backend):
@@ -21,18 +79,33 @@ class OrtBackend(Backend):
 
     def availability(self, sku: SKU, host_runs_sku: bool) -> Availability:
         if sku.kind != "cpu":
-            return Availability("no", False, "GPU execution providers come with the GPU SKU support")
+            return self._gpu_availability(sku, host_runs_sku)
         if host_runs_sku:
             return Availability("here", True)
         return Availability("cross", False, f"this machine cannot run {sku.arch} code; the model is portable ONNX")
 
-    def build(self, req: BuildRequest, out: Path) -> dict[str, Any]:
+    def _gpu_availability(self, sku: SKU, host_runs_sku: bool) -> Availability:
         import onnxruntime as ort
 
-        # EXTENDED fusions are portable across CPUs; layout (NCHWc) rewrites depend on the
-        # exact CPU, so they are left to session creation on the serving machine (ORT_ENABLE_ALL).
+        main = next((p for p in sku.onnxruntime_providers if p != "CPUExecutionProvider"), None)
+        if main is None:
+            return Availability("no", False, f"{sku.name} names no GPU execution provider")
+        if host_runs_sku and main in ort.get_available_providers():
+            return Availability("here", True)
+        return Availability("cross", False, f"portable ONNX with {main} settings; serve it with "
+                                            f"{EXTRAS.get(main, 'an onnxruntime build with that provider')} on the SKU")
+
+    def build(self, req: BuildRequest, out: Path) -> dict[str, Any]:
+        import onnx
+        import onnxruntime as ort
+
+        gpu = req.sku.kind == "gpu"
+        # CPU: EXTENDED fusions are portable across CPUs; layout (NCHWc) rewrites depend on the exact
+        # CPU, so they are left to session creation on the serving machine (ORT_ENABLE_ALL). GPU: only
+        # BASIC rewrites, which every execution provider reads; each provider fuses for itself.
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if gpu
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         opts.optimized_model_filepath = str(out / "model.onnx")
         opts.log_severity_level = 3
         if len(onnx_files(req.model.onnx_path)) > 1:  # external weights stay external, beside the model
@@ -42,15 +115,20 @@ class OrtBackend(Backend):
             ort.InferenceSession(str(req.model.onnx_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise BackendUnavailable(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+        int8 = any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
         session = {
-            "providers": ["CPUExecutionProvider"],
+            "providers": provider_settings(req.sku, int8) if gpu else ["CPUExecutionProvider"],
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "intra_op_num_threads": req.sku.threads or req.threads,
             "inter_op_num_threads": 1,
             "execution_mode": "ORT_SEQUENTIAL",
+            "requires": {"package": EXTRAS.get(req.sku.onnxruntime_providers[0], "onnxruntime"),
+                         "min_version": package_version("onnxruntime")},
         }
         (out / SESSION_FILE).write_text(json.dumps(session, indent=2))
-        return {"precision": "float32", "entry": "model.onnx", "session": SESSION_FILE, "format": "onnx"}
+        precision = _precision(req.sku, int8) if gpu else ("int8" if int8 else "float32")
+        return {"precision": precision, "entry": "model.onnx", "session": SESSION_FILE, "format": "onnx",
+                "details": {"providers": [p if isinstance(p, str) else p[0] for p in session["providers"]]}}
 
     def load(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
         import onnxruntime as ort
@@ -62,7 +140,8 @@ class OrtBackend(Backend):
         opts.inter_op_num_threads = settings["inter_op_num_threads"]
         opts.execution_mode = getattr(ort.ExecutionMode, settings["execution_mode"])
         opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(artifact / meta["entry"]), opts, providers=settings["providers"])
+        providers = [p if isinstance(p, str) else tuple(p) for p in settings["providers"]]
+        sess = ort.InferenceSession(str(artifact / meta["entry"]), opts, providers=providers)
         names = [o.name for o in sess.get_outputs()]
 
         def run(feed: dict[str, Any]) -> dict[str, Any]:

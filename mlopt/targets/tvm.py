@@ -1,9 +1,13 @@
-"""TVM backend (Relax, LLVM targets): an ``export_library`` shared library plus the entry file to call it.
+"""TVM backend (Relax): an ``export_library`` shared library plus the entry file to call it.
 
 CPU SKUs the machine can run are built and validated here; other CPU architectures (aarch64) are
-cross-compiled for real with a cross linker, and the library's ELF machine is checked. With a
-tuning budget, MetaSchedule tunes one static-shape library per benchmark batch size, storing the
-records in a database shared by every build, so a workload tuned once is never tuned again.
+cross-compiled for real with a cross linker, and the library's ELF machine is checked. GPU SKUs are
+cross-compiled for their architecture: CUDA ``sm_XX`` through nvcc, ROCm ``gfxNNN`` through LLVM and
+ld.lld, with dlight's default GPU schedules; the library must then embed machine code for exactly
+that architecture (``devcode.require_device_code``), because TVM's silent fallbacks (CUDA source,
+host code) must never pass as a GPU build. With a tuning budget, MetaSchedule tunes one
+static-shape library per benchmark batch size, storing the records in a database shared by every
+build, so a workload tuned once is never tuned again (GPU tuning needs the device present).
 """
 
 from __future__ import annotations
@@ -18,31 +22,59 @@ from typing import Any
 import numpy as np
 
 from mlopt.errors import BackendUnavailable, UnsupportedOperator
+from mlopt.targets import gpu_toolchain
 from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
 from mlopt.targets.catalog import SKU
+from mlopt.targets.devcode import require_device_code
 
 # TVM sizes its thread pool once, from TVM_NUM_THREADS, when the runtime starts: without it, it uses
 # half the cores on x86 and config_threadpool can only lower that. Set it before tvm is imported.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 ENTRY_FILE = "tvm_entry.json"
+GPU_KINDS = {"cuda": "cuda", "rocm": "rocm"}  # TVM target kind -> runtime device
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
-CROSS_LINKERS = {"aarch64": ["aarch64-linux-gnu-gcc", "ld.lld", "ld.lld-19", "ld.lld-18", "ld.lld-17"]}
+CROSS_LINKERS = {"aarch64": ["aarch64-linux-gnu-gcc", "ld.lld", "ld.lld-22", "ld.lld-19", "ld.lld-18", "ld.lld-17"]}
 
-RUN_SCRIPT = '''"""Run this TVM build with the TVM runtime alone: python run_tvm.py inputs.npz outputs.npz"""
-import json, os, sys
+RUN_SCRIPT = '''"""Run this TVM build with the TVM runtime alone (TVM_USE_RUNTIME_LIB=1 works):
+    python run_tvm.py inputs.npz outputs.npz
+    python run_tvm.py --load-only      # load the library and its device code, run nothing
+"""
+import json, sys
 from pathlib import Path
 import numpy as np
 import tvm
-from tvm.runtime.vm import VirtualMachine  # runtime only: works with TVM_USE_RUNTIME_LIB=1
+from tvm.runtime.vm import VirtualMachine
 
 here = Path(__file__).parent
 entry = json.loads((here / "tvm_entry.json").read_text())
+
+
+def load_device_plugin(kind):
+    """The runtime-only mode skips TVM's device plugins; CUDA code needs libtvm_runtime_cuda."""
+    from tvm.base import _LOADED_LIBS
+    if kind != "cuda" or "tvm_runtime_cuda" in _LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+    lib_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
+                                                       extra_lib_paths=[lib_dir], mode="RTLD_LOCAL")
+
+
+load_device_plugin(entry.get("device", "cpu"))
+if sys.argv[1:] == ["--load-only"]:
+    for lib in {entry["library"], *entry["tuned"].values()}:
+        tvm.runtime.load_module(str(here / lib))
+    print("loaded", entry["library"], "for", entry["target"])
+    sys.exit(0)
 feed = dict(np.load(sys.argv[1]))
 batch = feed[entry["inputs"][0]].shape[0]
 lib_file = entry["tuned"].get(str(batch), entry["library"])
-vm = VirtualMachine(tvm.runtime.load_module(str(here / lib_file)), tvm.cpu())
-out = vm[entry["function"]](*[tvm.runtime.tensor(feed[n]) for n in entry["inputs"]])
+dev = tvm.device(entry.get("device", "cpu"), 0)
+if not dev.exist:
+    sys.exit(f"this build needs a {entry.get('device')} device ({entry['target']}); none is visible")
+vm = VirtualMachine(tvm.runtime.load_module(str(here / lib_file)), dev)
+out = vm[entry["function"]](*[tvm.runtime.tensor(feed[n], dev) for n in entry["inputs"]])
 outs = [out] if hasattr(out, "numpy") else list(out)
 np.savez(sys.argv[2], **{n: o.numpy() for n, o in zip(entry["outputs"], outs)})
 '''
@@ -69,8 +101,12 @@ class TVMBackend(Backend):
     rtol = 1e-3
 
     def availability(self, sku: SKU, host_runs_sku: bool) -> Availability:
-        if sku.tvm_target is None or sku.tvm_target.get("kind") != "llvm":
-            return Availability("no", False, f"{sku.name} has no TVM LLVM target (GPU targets come with GPU support)")
+        kind = (sku.tvm_target or {}).get("kind")
+        if kind in GPU_KINDS:
+            return _gpu_availability(sku, kind, host_runs_sku)
+        if kind != "llvm":
+            return Availability("no", False, f"{sku.name} has no TVM target TVM {package_version('apache-tvm')} "
+                                             "compiles to machine code (cuda, rocm or llvm)")
         if host_runs_sku:
             return Availability("here", True)
         if os.uname().machine == sku.machine:
@@ -87,17 +123,25 @@ class TVMBackend(Backend):
         proto = onnx.load(str(req.model.onnx_path))
         _check_ops(proto)
         target_dict = dict(req.sku.tvm_target or {})
+        kind = target_dict.get("kind", "llvm")
         library = "model.so"
+        details: dict[str, Any] = {"target": target_dict, "tuning_trials": req.tuning_trials}
+        if kind in GPU_KINDS:
+            details["toolchain"] = gpu_toolchain.prepare_cuda() if kind == "cuda" else gpu_toolchain.prepare_rocm()
         self._compile(proto, None, target_dict, out / library, req)
-        tuned, details = {}, {"target": target_dict, "tuning_trials": req.tuning_trials}
-        if req.tuning_trials > 0:
+        if kind in GPU_KINDS:
+            details["device_code"] = _device_code(out / library, req.sku.arch)
+        tuned: dict[str, str] = {}
+        if req.tuning_trials > 0 and kind in GPU_KINDS and not req.device_present:
+            details["tuning"] = {"status": "skipped", "reason": "GPU tuning measures on the device; none is here"}
+        elif req.tuning_trials > 0:
             from mlopt.targets.tvm_tune import tune_static
 
             tuned, details["tuning"] = tune_static(proto, req, target_dict, out, self._compile)
         entry = {
             "library": library, "function": "main", "tuned": tuned,
             "inputs": [i.name for i in req.model.inputs], "outputs": list(req.model.outputs),
-            "target": target_dict, "machine": req.sku.machine,
+            "target": target_dict, "machine": req.sku.machine, "device": GPU_KINDS.get(kind, "cpu"),
             "runtime": {"package": "apache-tvm", "version": package_version("apache-tvm"),
                         "note": "needs only the TVM runtime library (TVM_USE_RUNTIME_LIB=1)"},
         }
@@ -112,13 +156,19 @@ class TVMBackend(Backend):
         from tvm.relax.frontend.onnx import from_onnx
 
         mod = import_onnx(proto, shapes, from_onnx)
-        target = tvm.target.Target(target_dict)
+        gpu = target_dict.get("kind") in GPU_KINDS
+        host = {"kind": "llvm", "mtriple": f"{req.sku.machine}-linux-gnu"}
+        target = tvm.target.Target(target_dict, host=host) if gpu else tvm.target.Target(target_dict)
         with target:
             mod = relax.get_pipeline("zero")(mod)  # legalize and fuse: the default pipeline does not fuse on CPU
         if database is not None:
             with target, database, tvm.transform.PassContext(opt_level=3):
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        ex = tvm.compile(mod, target=target)
+        if gpu:
+            mod = _gpu_schedules(mod, target)
+        quiet = gpu_toolchain.drop_native_warnings("Cannot get maximum number of threads for AMD codegen")
+        with target, quiet:  # the CUDA compile callback reads the architecture from the current target
+            ex = tvm.compile(mod, target=target)
         ex.export_library(str(dest), **_linker(req.sku.machine))
         got = elf_machine(dest)
         if got != ELF_MACHINES[req.sku.machine]:
@@ -131,7 +181,9 @@ class TVMBackend(Backend):
 
         entry = json.loads((artifact / meta["entry"]).read_text())
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
-        dev = tvm.cpu()
+        if entry.get("device") == "cuda":
+            gpu_toolchain.load_cuda_runtime()
+        dev = tvm.device(entry.get("device", "cpu"), 0)
 
         def vm_for(lib_file: str) -> Any:
             return VirtualMachine(tvm.runtime.load_module(str(artifact / lib_file)), dev)
@@ -150,6 +202,32 @@ class TVMBackend(Backend):
 
     def toolchain(self) -> dict[str, str]:
         return {"apache-tvm": package_version("apache-tvm"), "apache-tvm-ffi": package_version("apache-tvm-ffi")}
+
+
+def _gpu_availability(sku: SKU, kind: str, host_runs_sku: bool) -> Availability:
+    problem = gpu_toolchain.cuda_missing() if kind == "cuda" else gpu_toolchain.rocm_missing()
+    if problem:
+        return Availability("no", False, f"cannot compile TVM {kind} code here: {problem}")
+    if host_runs_sku and kind == "cuda":
+        return Availability("here", True)
+    how = f"nvcc {gpu_toolchain.nvcc_version()}" if kind == "cuda" else "LLVM AMDGPU + ld.lld"
+    runs = ("runs on the GPU with the TVM runtime (a few MB)" if kind == "cuda" else
+            "runs on the GPU with a TVM runtime built with ROCm (USE_ROCM=ON; the PyPI wheel has no HIP)")
+    return Availability("cross", False, f"cross-compiled for {sku.arch} with {how}; {runs}")
+
+
+def _gpu_schedules(mod: Any, target: Any) -> Any:
+    """dlight's default GPU schedules: without thread bindings TVM would emit host code for kernels."""
+    from tvm.s_tir import dlight as dl
+
+    with target:
+        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+
+
+def _device_code(library: Path, arch: str) -> list[dict[str, Any]]:
+    codes = require_device_code(library, arch)
+    return [{"kind": c.kind, "arch": c.arch, "bytes": c.bytes} for c in codes]
 
 
 def _check_ops(proto: Any) -> None:

@@ -1,0 +1,183 @@
+"""OpenVINO backend: OpenVINO IR (``model.xml`` + ``model.bin``) plus the settings to compile it on the SKU's device.
+
+CPU SKUs this machine runs are built, validated and measured here beside ONNX Runtime and TVM, with
+fp32 weights and dynamic dimensions kept dynamic. Intel GPU SKUs (``openvino_device: GPU``) get an
+IR built here, with fp16 weights where the GPU runs fp16; the GPU plugin compiles it on the device,
+so it runs here only where OpenVINO itself sees a GPU. ``openvino`` is imported only inside methods.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlopt.compiler.model import Model
+from mlopt.errors import BackendUnavailable, UnsupportedOperator
+from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
+from mlopt.targets.catalog import SKU
+
+CONFIG_FILE = "ov_config.json"
+MODEL_FILE = "model.xml"
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+GPU_REASON = "IR built here; runs on the Intel GPU with the OpenVINO GPU plugin (Level Zero/OpenCL runtime)"
+
+RUN_SCRIPT = '''"""Run this OpenVINO build with the OpenVINO runtime alone: python run_openvino.py inputs.npz outputs.npz"""
+import json, sys
+from pathlib import Path
+import numpy as np
+import openvino as ov
+
+here = Path(__file__).parent
+entry = json.loads((here / "ov_config.json").read_text())
+compiled = ov.Core().compile_model(str(here / entry["model"]), entry["device"], entry["config"])
+ports = {n: next(o for o in compiled.outputs if n in o.get_names()) for n in entry["outputs"]}
+feed = dict(np.load(sys.argv[1]))
+res = compiled.create_infer_request().infer({n: feed[n] for n in entry["inputs"]})
+np.savez(sys.argv[2], **{n: res[p] for n, p in ports.items()})
+'''
+
+
+def ov_device(sku: SKU) -> str | None:
+    """The OpenVINO device for ``sku``: its catalog field, else CPU for CPU SKUs; None for other GPUs."""
+    if sku.openvino_device:
+        return sku.openvino_device
+    return "CPU" if sku.kind == "cpu" else None
+
+
+@lru_cache(maxsize=1)
+def host_has_gpu() -> bool:
+    """Whether OpenVINO sees a GPU on this machine (GPU, GPU.0 ...)."""
+    import openvino as ov
+
+    return any(d.split(".")[0] == "GPU" for d in ov.Core().available_devices)
+
+
+def compile_config(device: str, precision: str, threads: int) -> dict[str, Any]:
+    """compile_model properties: latency hint, an explicit inference precision, CPU threads.
+
+    The precision is explicit because the CPU plugin silently runs bf16 on CPUs with AVX512-BF16 or
+    AMX, which breaks validation of a float32 build against its reference.
+    """
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
+                              "INFERENCE_PRECISION_HINT": "f16" if precision == "float16" else "f32"}
+    if device == "CPU":
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    # Measured on the examples (f32 hint, AVX-512 CPU): digits 2e-6, EfficientNet-Lite0 1e-5,
+    # MiniLM 2e-6; the same tolerance as ONNX Runtime and TVM holds.
+    atol = 1e-4
+    rtol = 1e-3
+
+    def availability(self, sku: SKU, host_runs_sku: bool) -> Availability:
+        if importlib.util.find_spec("openvino") is None:
+            return Availability("no", False, "the openvino package is not installed: pip install 'mlopt[openvino]'")
+        device = ov_device(sku)
+        if device is None:
+            return Availability("no", False, f"OpenVINO has no device plugin for {sku.vendor} {sku.kind} SKUs")
+        if device.split(".")[0] == "GPU":
+            return Availability("here", True) if host_has_gpu() else Availability("cross", False, GPU_REASON)
+        if host_runs_sku:
+            return Availability("here", True)
+        return Availability("cross", False, _cpu_cross_reason(sku))
+
+    # ------------------------------------------------------------ build
+    def build(self, req: BuildRequest, out: Path) -> dict[str, Any]:
+        import openvino as ov
+
+        device = ov_device(req.sku)
+        if device is None:
+            raise BackendUnavailable(f"{req.sku.name} has no OpenVINO device", hint="set openvino_device in the catalog")
+        model = _convert(req.model.onnx_path)
+        _check_outputs(model, req.model)
+        fp16 = device.split(".")[0] == "GPU" and "float16" in req.sku.dtypes
+        ov.save_model(model, str(out / MODEL_FILE), compress_to_fp16=fp16)
+        precision = "float16" if fp16 else "float32"
+        entry = {
+            "model": MODEL_FILE, "device": device,
+            "config": compile_config(device, precision, req.sku.threads or req.threads),
+            "inputs": [i.name for i in req.model.inputs], "outputs": list(req.model.outputs),
+            "runtime": {"package": "openvino", "version": package_version("openvino")},
+        }
+        (out / CONFIG_FILE).write_text(json.dumps(entry, indent=2))
+        (out / "run_openvino.py").write_text(RUN_SCRIPT)
+        details = {"device": device, "compress_to_fp16": fp16, "qdq_nodes": _qdq_nodes(req.model.onnx_path),
+                   "input_shapes": {p.get_any_name(): str(p.get_partial_shape()) for p in model.inputs}}
+        return {"precision": precision, "entry": MODEL_FILE, "config": CONFIG_FILE, "format": "openvino-ir",
+                "details": details}
+
+    # ------------------------------------------------------------ run
+    def load(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
+        import openvino as ov
+
+        entry = json.loads((artifact / meta["config"]).read_text())
+        config = dict(entry["config"])
+        if "INFERENCE_NUM_THREADS" in config:
+            config["INFERENCE_NUM_THREADS"] = threads  # the same thread count the other backends get
+        compiled = ov.Core().compile_model(str(artifact / entry["model"]), entry["device"], config)
+        ports = _output_ports(compiled.outputs, entry["outputs"])
+        request = compiled.create_infer_request()
+        names = entry["inputs"]
+
+        def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            inputs = {n: np.ascontiguousarray(feed[n]) for n in names}
+            res = request.infer(inputs, share_inputs=True, share_outputs=False)  # outputs copied: buffers are reused
+            return {n: res[p] for n, p in ports.items()}
+
+        return run
+
+    def toolchain(self) -> dict[str, str]:
+        return {"openvino": package_version("openvino")}
+
+
+def _cpu_cross_reason(sku: SKU) -> str:
+    import platform
+
+    if platform.machine() != sku.machine:
+        return f"OpenVINO IR is portable; built here, the {sku.machine} CPU plugin compiles it on a {sku.name} machine"
+    return f"this CPU cannot run {sku.arch} code; the IR is built here, not measured"
+
+
+def _convert(onnx_path: Path) -> Any:
+    """convert_model from the ONNX path (it reads external-data files beside the model itself)."""
+    import openvino as ov
+
+    try:
+        return ov.convert_model(str(onnx_path))
+    except Exception as e:  # the frontend raises OpConversionFailure, GeneralFailure ...; keep the message
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise UnsupportedOperator(f"OpenVINO cannot convert the model: {type(e).__name__}: {first}",
+                                  hint="use the onnxruntime backend for this model") from None
+
+
+def _check_outputs(model: Any, src: Model) -> None:
+    """OpenVINO keeps ONNX tensor names; check every ONNX output is found under its name."""
+    _output_ports(model.outputs, list(src.outputs))
+
+
+def _output_ports(outputs: Any, names: list[str]) -> dict[str, Any]:
+    """ONNX output name -> OpenVINO output port, in the ONNX order."""
+    ports = {}
+    for name in names:
+        port = next((o for o in outputs if name in o.get_names()), None)
+        if port is None:
+            found = sorted(n for o in outputs for n in o.get_names())
+            raise BackendUnavailable(f"OpenVINO lost the ONNX output name {name!r} (outputs are {found})")
+        ports[name] = port
+    return ports
+
+
+def _qdq_nodes(onnx_path: Path) -> int:
+    """QuantizeLinear/DequantizeLinear nodes: OpenVINO runs such a QDQ model's marked ops in int8."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return sum(n.op_type in QDQ_OPS for n in proto.graph.node)
