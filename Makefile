@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test setup bench bench-compress schemas clean
+.PHONY: demo test setup system-deps bench bench-compress schemas clean
 
 setup: $(STAMP)
 
@@ -13,8 +13,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch 2.13.0 (on local disk here); installing it first keeps pip from a CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,examples,tune]'
+	$(BIN)/python -m pip install -q -e '.[dev,examples,tune,cuda]'
 	rm -f $(VENV)/.installed-*; touch $@
+	@$(MAKE) --no-print-directory system-deps
+
+# Debian tools GPU cross-compiles and image tests use; installed where missing when run as root,
+# otherwise named (the tests that need them skip with the same hint).
+SYSTEM_DEPS := lld-22 rocm-device-libs gcc-aarch64-linux-gnu
+system-deps:
+	@missing=$$(for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $$missing"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || \
+	  { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }; \
+	else echo "note: missing Debian packages $$missing (sudo apt-get install $$missing); their tests skip"; fi
 
 demo: $(STAMP)
 	$(BIN)/mlopt compile examples/digits/recipe.yaml
