@@ -215,7 +215,7 @@ def _summary(m: Any) -> None:
             acc = f"{meas.accuracy.value:.4f}" if meas and meas.accuracy else "-"
             chosen = c.backend == e.chosen_backend
             cost = f"{e.cost.usd_per_million:.4f}" if chosen and e.cost else "-"
-            built = ("cached" if c.cached else c.compiled or "-") if c.status == "built" else "-"
+            built = f"{c.compiled or '-'}{' (cached)' if c.cached else ''}" if c.status == "built" else "-"
             status = c.status + (" *" if chosen else "")
             t.add_row(e.sku, c.backend, status, built, c.validation.status if c.validation else "-", lat, thr, acc,
                       cost, c.artifact.key[:12] if c.artifact else (c.reason[:40] or "-"))

@@ -29,7 +29,7 @@ def test_compile_succeeds_and_writes_valid_manifest(digits_build: dict) -> None:
 
 def test_x86_entry_is_measured_and_accurate(digits_build: dict) -> None:
     entry = _manifest(digits_build)["entries"][0]
-    assert entry["chosen_backend"] in {"onnxruntime", "tvm"}
+    assert entry["chosen_backend"] in {"onnxruntime", "openvino", "tvm"}
     meas = entry["measurement"]
     assert [b["batch_size"] for b in meas["batches"]] == [1, 4]
     for b in meas["batches"]:
@@ -39,7 +39,7 @@ def test_x86_entry_is_measured_and_accurate(digits_build: dict) -> None:
     assert meas["accuracy"]["within_budget"]
     assert entry["cost"]["usd_per_million"] > 0
     built = [c for c in entry["candidates"] if c["status"] == "built"]
-    assert {c["backend"] for c in built} == {"onnxruntime", "tvm"}
+    assert {c["backend"] for c in built} == {"onnxruntime", "openvino", "tvm"}
     for c in built:
         assert c["validation"]["status"] == "passed" and c["validation"]["max_abs_diff"] < 1e-3
     fastest = min(built, key=lambda c: c["measurement"]["batches"][0]["p50_ms"] * c["measurement"]["batches"][1]["p50_ms"])
@@ -99,7 +99,7 @@ def test_artifacts_commands(digits_build: dict) -> None:
     store = str(digits_build["store"])
     res = runner.invoke(app, ["artifacts", "list", "--store", store, "--json"])
     rows = json.loads(res.stdout)
-    assert res.exit_code == 0 and len(rows) == 4 and {r["version"] for r in rows} == {1}
+    assert res.exit_code == 0 and len(rows) == 5 and {r["version"] for r in rows} == {1}
     key = rows[0]["id"]
     show = runner.invoke(app, ["artifacts", "show", key[:10], "--store", store])
     assert show.exit_code == 0 and json.loads(show.stdout)["key"] == key
