@@ -1,5 +1,7 @@
-"""MetaSchedule tuning for TVM builds, with records shared by every build that targets the same CPU.
+"""MetaSchedule tuning for TVM builds, with records shared by every build for the same target.
 
+GPU targets are tuned only where the device is present (trials run on it); the functions tuning
+leaves unscheduled get dlight's default schedules when the library is compiled.
 MetaSchedule needs static shapes, so each benchmark batch size gets its own library, tuned and
 compiled with the database applied; the dynamic-shape library stays as the fallback for other
 batch sizes. Workloads already tuned in the database (matched by structural hash) are not tuned
@@ -45,7 +47,8 @@ def tune_static(proto: Any, req: BuildRequest, target_dict: dict[str, Any], out:
     """Tune and compile one static library per benchmark batch size; return ({batch: file}, report)."""
     from tvm.s_tir import meta_schedule as ms
 
-    target = {**target_dict, "num-cores": req.threads}
+    # CPU targets tune for the serving thread count; GPU targets take their limits from the arch
+    target = {**target_dict, "num-cores": req.threads} if target_dict.get("kind") == "llvm" else dict(target_dict)
     db_dir = req.tuning_dir / key_of(target)[:20]
     sizes = sorted(req.batch_sizes)
     per_size = max(1, math.ceil(req.tuning_trials / len(sizes)))
