@@ -2,6 +2,7 @@
 
 GPU targets are tuned only where the device is present (trials run on it); the functions tuning
 leaves unscheduled get dlight's default schedules when the library is compiled.
+
 MetaSchedule needs static shapes, so each benchmark batch size gets its own library, tuned and
 compiled with the database applied; the dynamic-shape library stays as the fallback for other
 batch sizes. Workloads already tuned in the database (matched by structural hash) are not tuned
