@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from mlopt import hostlock
 from mlopt.recipes.schema import Benchmark
 
 NOISY_SPREAD = 0.10  # relative IQR above which a latency series is flagged as noisy
@@ -46,40 +48,59 @@ def time_runner(run: Callable[[Any], Any], feed: Any, plan: Benchmark) -> list[f
 
 
 def measure(load: Callable[[], Callable[[Any], Any]], feeds: dict[int, Any], plan: Benchmark) -> dict[str, Any]:
-    """Load a build (tracking peak memory), then time it at each batch size of ``feeds``."""
-    base = _reset_peak()
+    """Load a build, then time it at each batch size of ``feeds``."""
     runner = load()
     runner(feeds[max(feeds)])
-    peak = _peak_rss()
-    batches = [latency_stats(time_runner(runner, feeds[b], plan), b) for b in sorted(feeds)]
-    return {
-        "batches": batches,
-        "peak_memory_bytes": max(0, peak - base) if peak and base is not None else None,
-        "memory_method": "VmHWM growth over load + one largest-batch run (Linux /proc)" if peak else None,
-        "threads": plan.threads,
-        "warmup": plan.warmup,
-        "noisy": any(b["noisy"] for b in batches),
-    }
+    with hostlock.timing():  # no other matrix build or timed loop runs here meanwhile
+        batches = [latency_stats(time_runner(runner, feeds[b], plan), b) for b in sorted(feeds)]
+    return {"batches": batches, "threads": plan.threads, "warmup": plan.warmup,
+            "noisy": any(b["noisy"] for b in batches)}
 
 
-def _reset_peak() -> int | None:
-    """Reset the kernel's peak-RSS mark for this process; return the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    return _status_kb("VmRSS") * 1024
+MEMORY_METHOD = ("a fresh process: peak RSS (VmHWM) over loading the build and one run at the largest batch "
+                 "size, minus its RSS after importing the runtime library")
+MEMORY_PROBE = """
+import importlib, json, sys
+from pathlib import Path
+import numpy as np
+from mlopt.targets.backends import get_backend
 
-
-def _peak_rss() -> int | None:
-    try:
-        return _status_kb("VmHWM") * 1024
-    except (OSError, ValueError):
-        return None
-
-
-def _status_kb(field: str) -> int:
+def kb(field):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise ValueError(field)
+            return int(line.split()[1]) * 1024
+
+a = json.loads(sys.argv[1])
+backend = get_backend(a["backend"])
+for module in a["modules"]:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass
+feed = dict(np.load(a["feed"]))
+base = kb("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")
+backend.load(Path(a["artifact"]), a["meta"], a["threads"])(feed)
+print(json.dumps({"base": base, "peak": kb("VmHWM")}))
+"""
+
+
+def peak_memory(backend: str, modules: list[str], artifact: Path, meta: dict[str, Any], threads: int,
+                feed: dict[str, Any]) -> tuple[int | None, str | None]:
+    """Memory a build needs to load and run, measured in a fresh process (this one's heap is warm
+    from ingest and validation, so growth measured here understates it); (None, None) off Linux."""
+    import json
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        return None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "feed.npz", **feed)
+        args = {"backend": backend, "modules": modules, "artifact": str(artifact), "meta": meta,
+                "threads": threads, "feed": str(Path(tmp) / "feed.npz")}
+        res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps(args)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {res.stderr.strip().splitlines()[-1:] or res.returncode}")
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    return max(0, got["peak"] - got["base"]), MEMORY_METHOD

@@ -38,6 +38,15 @@ class Model:
         )
 
     @property
+    def is_quantized(self) -> bool:
+        """The graph carries int8 quantization (QDQ or integer ops)."""
+        import onnx
+
+        ops = {n.op_type for n in onnx.load(str(self.onnx_path), load_external_data=False).graph.node}
+        return bool(ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                           "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits"})
+
+    @property
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in onnx_files(self.onnx_path))
 

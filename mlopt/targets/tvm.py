@@ -147,6 +147,9 @@ class TVMBackend(Backend):
         }
         (out / ENTRY_FILE).write_text(json.dumps(entry, indent=2))
         (out / "run_tvm.py").write_text(RUN_SCRIPT)
+        # TVM's ONNX frontend lowers QDQ to float quantize/dequantize arithmetic: no int8 kernels
+        if req.model.is_quantized:
+            details["quantization"] = "QDQ simulated in float32 (TVM lowers it without int8 kernels)"
         return {"precision": "float32", "entry": ENTRY_FILE, "format": "tvm-relax-vm", "details": details}
 
     def _compile(self, proto: Any, shapes: dict[str, list[int]] | None, target_dict: dict[str, Any], dest: Path,
