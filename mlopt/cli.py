@@ -28,6 +28,10 @@ recipe_app = typer.Typer(help="Recipe tools.", no_args_is_help=True)
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(manifest_app, name="manifest")
 app.add_typer(recipe_app, name="recipe")
+from mlopt.cli_image import export_app, image_app  # noqa: E402  (its commands use this module's guarded)
+
+app.add_typer(image_app, name="image")
+app.add_typer(export_app, name="export")
 
 # Wide enough for the summary table when output goes to a file or a CI log.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -109,7 +113,30 @@ def compile_overrides(**f: Any) -> dict[str, Any]:
         data["calibration"] = {"source": f["calib_data"]}
     if data:
         o["data"] = data
+    from mlopt.package.refs import absolute_oci
+
+    image = {k: v for k, v in (("push", f["push"] or None), ("registry", f["registry"]),
+                                ("base_image", absolute_oci(f["base_image"]))) if v is not None}
+    if image:
+        o["image"] = image
+    gates = gate_overrides(f)
+    if gates:
+        o["gates"] = gates
     return o
+
+
+def gate_overrides(f: dict[str, Any]) -> dict[str, Any]:
+    """compile's gate flags -> recipe ``gates`` fields; a baseline file path is made absolute (flags are
+    relative to the working directory, recipe paths to the recipe)."""
+    from mlopt.gates import is_url
+
+    baseline = f.get("baseline")
+    if baseline and not is_url(baseline):
+        baseline = str(Path(baseline).expanduser().resolve())
+    pairs = (("baseline", baseline), ("latency_regression", f.get("gate_latency")),
+             ("throughput_drop", f.get("gate_throughput")), ("accuracy_drop", f.get("gate_accuracy")),
+             ("size_growth", f.get("gate_size")), ("noise_k", f.get("gate_noise_k")), ("strict", f.get("strict_gates")))
+    return {k: v for k, v in pairs if v is not None}
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -160,6 +187,21 @@ def compile_cmd(
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Evaluation data: .npz or module:function."),
     metric: Optional[str] = typer.Option(None, "--metric", help="Evaluation metric."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", help="Calibration data: .npz or module:function."),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", help="Gate against this manifest (a path or an http(s):// / file:// URL): exit 6 when a "
+                                 "gate breaks."),
+    gate_latency: Optional[float] = typer.Option(None, "--gate-latency", help="Largest p50 growth, e.g. 0.10."),
+    gate_throughput: Optional[float] = typer.Option(None, "--gate-throughput", help="Largest throughput drop."),
+    gate_accuracy: Optional[float] = typer.Option(None, "--gate-accuracy", help="Largest metric drop vs the baseline."),
+    gate_size: Optional[float] = typer.Option(None, "--gate-size", help="Largest artifact size growth, e.g. 0.10."),
+    gate_noise_k: Optional[float] = typer.Option(None, "--gate-noise-k", help="Noise band width in combined IQRs."),
+    strict_gates: Optional[bool] = typer.Option(
+        None, "--strict-gates/--lenient-gates", help="Fail (or only warn) on inconclusive latency verdicts."),
+    push: bool = typer.Option(False, "--push", help="Then build each SKU's OCI image and push it (image.push)."),
+    registry: Optional[str] = typer.Option(None, "--registry", help="Registry repository HOST/REPO (image.registry)."),
+    base_image: Optional[str] = typer.Option(
+        None, "--base-image", help="Base image for every SKU: HOST/REPO:TAG, ...@sha256:..., or oci:PATH[:TAG] "
+                                   "(image.base_image)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe as YAML and stop."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
 ) -> None:
@@ -167,7 +209,10 @@ def compile_cmd(
     flags = dict(inputs=inputs, targets=targets, backends=backends, passes=passes, model_name=model_name,
                  out=out_dir, store=store, catalog=catalog, batch_sizes=batch_sizes, runs=runs, warmup=warmup,
                  threads=threads, trials=trials, max_drop=max_drop, on_violation=on_violation,
-                 eval_data=eval_data, metric=metric, calib_data=calib_data)
+                 eval_data=eval_data, metric=metric, calib_data=calib_data, baseline=baseline,
+                 gate_latency=gate_latency, gate_throughput=gate_throughput, gate_accuracy=gate_accuracy,
+                 gate_size=gate_size, gate_noise_k=gate_noise_k, strict_gates=strict_gates,
+                 push=push, registry=registry, base_image=base_image)
 
     def go() -> int:
         recipe = make_recipe(source, compile_overrides(**flags))
@@ -194,9 +239,14 @@ def compile_cmd(
             typer.echo(json.dumps(result.manifest.model_dump(mode="json"), indent=2))
         else:
             _summary(result.manifest)
+            _gates_summary(result.manifest)
             out.print(f"manifest: {result.manifest_path}")
         for e in result.manifest.errors:
             err.print(f"[red]failed:[/] {e}", highlight=False)
+        if result.exit_code == 0 and recipe.image.push:
+            from mlopt.package.publish import publish
+
+            publish(result.manifest_path, recipe, st, lambda m: console.print(m, highlight=False, markup=False))
         return result.exit_code
 
     raise typer.Exit(guarded(go))
@@ -221,6 +271,131 @@ def _summary(m: Any) -> None:
                       cost, c.artifact.key[:12] if c.artifact else (c.reason[:40] or "-"))
     out.print(t)
     out.print("* the SKU's chosen build", style="dim")
+
+
+def _gates_summary(m: Any) -> None:
+    """The gate table and its warnings, when the build was gated against a baseline."""
+    if m.gates is None:
+        return
+    from mlopt.diff import gate_table
+
+    out.print(gate_table(m.gates))
+    for w in m.gates.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+# ------------------------------------------------------------------ diff
+
+
+@app.command("diff")
+def diff_cmd(
+    old: str = typer.Argument(..., help="The baseline manifest: a path or an http(s):// / file:// URL."),
+    new: str = typer.Argument(..., help="The new manifest: a path or URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the diff as JSON (format mlopt-diff/1)."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print GitHub-flavoured Markdown (for a PR comment)."),
+    fail_on_gates: bool = typer.Option(False, "--fail-on-gates", help="Exit 6 when a gate fails."),
+    gate_latency: Optional[float] = typer.Option(None, "--gate-latency", help="Largest p50 growth, e.g. 0.10."),
+    gate_throughput: Optional[float] = typer.Option(None, "--gate-throughput", help="Largest throughput drop."),
+    gate_accuracy: Optional[float] = typer.Option(None, "--gate-accuracy", help="Largest metric drop."),
+    gate_size: Optional[float] = typer.Option(None, "--gate-size", help="Largest artifact size growth."),
+    gate_noise_k: Optional[float] = typer.Option(None, "--gate-noise-k", help="Noise band width in combined IQRs."),
+    strict_gates: Optional[bool] = typer.Option(None, "--strict-gates/--lenient-gates",
+                                                help="Fail (or only warn) on inconclusive latency verdicts."),
+) -> None:
+    """What changed per SKU between two manifests (backend, figures, digests) with the gate verdicts.
+    Limits default to those NEW was gated with, else the recipe defaults. Exit 0 unless --fail-on-gates."""
+    flags = dict(latency_regression=gate_latency, throughput_drop=gate_throughput, accuracy_drop=gate_accuracy,
+                 size_growth=gate_size, noise_k=gate_noise_k, strict=strict_gates)
+
+    def go() -> None:
+        from mlopt.diff import default_limits, diff_manifests, diff_table, to_markdown
+        from mlopt.errors import GateFailed
+        from mlopt.gates import load_manifest_ref
+        from mlopt.manifest import GateLimits
+
+        a, b = load_manifest_ref(old, "old manifest"), load_manifest_ref(new, "new manifest")
+        given = {k: v for k, v in flags.items() if v is not None}
+        limits = GateLimits.model_validate({**default_limits(b).model_dump(), **given})
+        d = diff_manifests(a, b, limits, old, new)
+        if as_json:
+            typer.echo(json.dumps(d.model_dump(mode="json"), indent=2))
+        elif markdown:
+            typer.echo(to_markdown(d), nl=False)
+        else:
+            out.print(diff_table(d))
+            for f in d.failures:
+                out.print(f"[red]gate failed:[/] {f}", highlight=False)
+            for w in d.warnings:
+                out.print(f"[yellow]warning:[/] {w}", highlight=False)
+        if fail_on_gates and d.verdict == "fail":
+            raise GateFailed(f"{len(d.failures)} gate(s) failed: " + "; ".join(d.failures))
+    guarded(go)
+
+
+# ------------------------------------------------------------------ build-matrix
+
+
+@app.command("build-matrix")
+def build_matrix_cmd(
+    recipes: list[Path] = typer.Argument(..., help="Recipe files (.yaml)."),
+    targets: Optional[str] = typer.Option(None, "--targets", "-t", help="SKUs for every recipe, comma-separated, "
+                                                                        "or 'all' (default: each recipe's own)."),
+    executor: str = typer.Option("local", "--executor", "-e", help="local (processes here), ray (a Ray cluster) "
+                                                                   "or k8s (write Kubernetes Jobs)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Tasks at a time: local processes, or the "
+                                                                        "CPUs of a local Ray cluster (default: cores)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Extra attempts for a task whose worker died (1)."),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: an existing cluster (default: start one here)."),
+    placement: Optional[str] = typer.Option(None, "--placement", help="GPU-SKU tasks on their device: auto (when "
+                                                                      "the cluster has it), device, or anywhere."),
+    ship: Optional[bool] = typer.Option(None, "--ship/--shared-store", help="ray: nodes build into their own store "
+                                        "and send the artifacts back (default with --address), or share --store."),
+    node_store: Optional[str] = typer.Option(None, "--node-store", help="ray with --ship: the store on the nodes."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Artifact store folder (over the recipes', then "
+                                                               "$MLOPT_STORE)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder of the combined manifest (out/matrix)."),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="A SKU catalog file, over the recipes'."),
+    image: Optional[str] = typer.Option(None, "--image", help="k8s: the image that runs mlopt."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help="k8s: namespace of the Jobs (default)."),
+    no_ledger: bool = typer.Option(False, "--no-ledger", help="Dispatch every task, even those recorded as done "
+                                                              "(their builds still come from the store)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the combined manifest as JSON on stdout."),
+) -> None:
+    """Build every recipe for every SKU, one parallel task each; a failed task does not stop the others,
+    a rerun skips what the store holds, and one combined manifest is written."""
+    def go() -> int:
+        from mlopt.matrix import run_matrix
+        from mlopt.matrix.progress import MatrixView, summary_table
+        from mlopt.matrix.tasks import make_config
+        from mlopt.util import stdout_to_stderr
+
+        skus = None if not targets else "all" if targets.strip() == "all" else \
+            [t.strip() for t in targets.split(",") if t.strip()]
+        config = make_config(
+            recipes=[str(r) for r in recipes], targets=skus, executor=executor, workers=workers, retries=retries,
+            address=address, placement=placement, ship=ship, node_store=node_store,
+            store=str(store) if store else None, out=str(out_dir) if out_dir else None,
+            catalog=str(catalog) if catalog else None, image=image, namespace=namespace, use_ledger=not no_ledger)
+        console = err if as_json else out
+        with stdout_to_stderr() if as_json else contextlib.nullcontext():
+            result = run_matrix(config, lambda tasks: MatrixView(tasks, err, f"build matrix ({config.executor})"))
+        if result.manifest is None:  # k8s: the Jobs were written
+            if as_json:
+                typer.echo(json.dumps({"jobs": [str(p) for p in result.jobs]}, indent=2))
+            else:
+                for p in result.jobs:
+                    out.print(str(p), highlight=False)
+                out.print(f"{len(result.jobs)} Jobs written; submit them with kubectl apply -f {result.jobs[0].parent}")
+            return 0
+        if as_json:
+            typer.echo(json.dumps(result.manifest.model_dump(mode="json"), indent=2))
+        console.print(summary_table(result.manifest.matrix))
+        console.print(f"manifest: {result.manifest_path}")
+        for e in result.manifest.errors:
+            err.print(f"[red]failed:[/] {e}", highlight=False)
+        return result.exit_code
+
+    raise typer.Exit(guarded(go))
 
 
 # ------------------------------------------------------------------ targets and doctor
@@ -403,7 +578,14 @@ def manifest_show(path: Path, as_json: bool = typer.Option(False, "--json")) -> 
             typer.echo(json.dumps(m.model_dump(mode="json"), indent=2))
             return
         out.print(f"manifest schema {m.schema_version}, mlopt {m.mlopt_version}, {m.created}, status {m.status}")
-        _summary(m)
+        if m.matrix is not None:
+            from mlopt.matrix.progress import summary_table
+
+            out.print(summary_table(m.matrix))
+            out.print("per-task details: the manifests under tasks/ beside this one", style="dim")
+        elif m.models:
+            _summary(m)
+        _gates_summary(m)
     guarded(go)
 
 

@@ -2,7 +2,8 @@
 
 Exit codes (documented in the README and ``mlopt --help``):
   0 ok, 1 other failure, 2 bad input, 3 accuracy or validation failure,
-  4 backend or toolchain unavailable.
+  4 backend or toolchain unavailable, 5 container registry or base image failure,
+  6 a CI gate against the baseline failed.
 """
 
 from __future__ import annotations
@@ -77,10 +78,26 @@ class UnsupportedOperator(BackendUnavailable):
     """A backend cannot lower an operator of the model."""
 
 
+class RegistryError(MloptError):
+    """A container registry cannot be used: unreachable, credentials refused, an image (a base
+    image, say) that does not exist there, or an upload it rejected."""
+
+    exit_code = 5
+
+
+class GateFailed(MloptError):
+    """A CI gate against the baseline manifest failed: latency regression, accuracy drop or size growth
+    over its limit."""
+
+    exit_code = 6
+
+
 EXIT_CODES = {
     0: "success",
     1: "other failure",
     2: "bad input (recipe, model file, signature, unknown name, unusable store)",
     3: "accuracy budget broken or numeric validation failed",
     4: "backend, toolchain or device unavailable",
+    5: "container registry or base image failure (unreachable, credentials refused, image missing, upload rejected)",
+    6: "a CI gate against the baseline failed (latency regression, accuracy drop or size growth over its limit)",
 }

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mlopt.errors import BadInput
 from mlopt.recipes.schema import InputSpec
 
-MANIFEST_SCHEMA_VERSION = "1.1"
+MANIFEST_SCHEMA_VERSION = "1.2"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "manifest.schema.json"
 
 
@@ -170,8 +170,98 @@ class RecipeRef(Strict):
     digest: str = Field(description="sha256 of the resolved recipe.")
 
 
+class GateCheck(Strict):
+    """One figure compared with the baseline's."""
+
+    gate: Literal["latency", "throughput", "accuracy", "size"]
+    figure: str = Field(description="What was compared: 'p50 b8', 'throughput b8', the metric's name, 'size'.")
+    verdict: Literal["pass", "fail", "inconclusive", "not-measured"]
+    old: float | None = Field(description="The baseline's figure (ms, inferences/s, metric value or bytes).")
+    new: float | None = Field(description="This build's figure.")
+    change: float | None = Field(description="How much worse this build is, in the limit's unit (negative: better): "
+                                             "growth new / old - 1 for latency and size, drop 1 - new / old for "
+                                             "throughput, drop old - new (absolute) for accuracy.")
+    limit: float | None = Field(description="The gate's threshold, in the unit of change.")
+    noise: float | None = Field(None, description="Latency and throughput: the noise band (relative) a change had "
+                                                  "to exceed to fail.")
+    reason: str = ""
+
+
+class SkuGates(Strict):
+    """The gate checks of one (model, SKU) present in the baseline, the build, or both."""
+
+    model: str
+    sku: str
+    presence: Literal["both", "added", "removed"] = Field(description="added: not in the baseline; removed: only "
+                                                                      "in the baseline.")
+    backend_old: str | None
+    backend_new: str | None
+    checks: list[GateCheck]
+    warnings: list[str] = Field(default_factory=list)
+
+
+class GateLimits(Strict):
+    """The thresholds the gates applied (null: that gate was off)."""
+
+    latency_regression: float | None
+    throughput_drop: float | None
+    accuracy_drop: float | None
+    size_growth: float | None
+    noise_k: float
+    strict: bool
+
+
+class GateReport(Strict):
+    """This build compared with a baseline manifest (``mlopt compile --baseline``)."""
+
+    baseline: str = Field(description="Path or URL of the baseline manifest.")
+    baseline_created: str = Field(description="When the baseline manifest was made.")
+    baseline_recipe_digest: str
+    limits: GateLimits
+    verdict: Literal["pass", "warn", "fail"] = Field(description="fail: a gate broke (exit 6); warn: inconclusive "
+                                                                 "checks or warnings only.")
+    failures: list[str]
+    warnings: list[str]
+    skus: list[SkuGates]
+
+
+class MatrixCell(Strict):
+    """One (recipe, SKU) task of a build matrix."""
+
+    recipe: str
+    sku: str
+    status: Literal["built", "cached", "failed"] = Field(description="cached: every build came from the store.")
+    exit_code: int = Field(description="The task's exit code, as `mlopt compile` of that recipe and SKU would give.")
+    chosen_backend: str | None = None
+    artifact_key: str | None = Field(None, description="The chosen build's artifact.")
+    p50_ms: dict[str, float] = Field(default_factory=dict, description="p50 latency of the chosen build (ms) by "
+                                                                        "batch size; empty where it was not measured.")
+    seconds: float = Field(description="Wall time of the task in its worker (0 when answered before dispatch).")
+    attempts: int = Field(1, description="Attempts it took (a worker that died is retried).")
+    where: dict[str, Any] = Field(default_factory=dict, description="Where it ran: executor, host, pid; on Ray the "
+                                                                    "node id and the resources it was given.")
+    error: str | None = None
+
+
+class MatrixRecipe(Strict):
+    name: str
+    path: str
+    digest: str = Field(description="sha256 of the resolved recipe, its targets left out.")
+
+
+class MatrixReport(Strict):
+    """What `mlopt build-matrix` ran: every recipe for every SKU, one task each (schema 1.2)."""
+
+    executor: Literal["local", "ray", "k8s"]
+    workers: int
+    skus: list[str]
+    recipes: list[MatrixRecipe]
+    cells: list[MatrixCell]
+    wall_seconds: float
+
+
 class Manifest(Strict):
-    schema_version: Literal["1.0", "1.1"] = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2"] = MANIFEST_SCHEMA_VERSION
     mlopt_version: str
     created: str
     recipe: RecipeRef
@@ -183,6 +273,10 @@ class Manifest(Strict):
     status: Literal["ok", "failed"]
     errors: list[str] = Field(default_factory=list)
     stage_seconds: dict[str, float] = Field(default_factory=dict, description="Wall time of each pipeline stage.")
+    gates: GateReport | None = Field(None, description="The comparison with a baseline manifest, when one was "
+                                                       "given (schema 1.2).")
+    matrix: MatrixReport | None = Field(None, description="The tasks of a build matrix, when this manifest combines "
+                                                          "them (`mlopt build-matrix`; schema 1.2).")
 
 
 def manifest_schema() -> dict[str, Any]:

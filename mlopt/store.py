@@ -3,10 +3,11 @@
 Layout of a store folder::
 
     objects/<key>/        one artifact: its files and artifact.json (file digests, provenance)
-    cache/<kind>/<key>/   replayable step results (ingest, pass, measure) with meta.json
+    cache/<kind>/<key>/   replayable step results (ingest, pass, measure) and matrix task records, with meta.json
     index.json            model name -> versions -> artifact keys
     tmp/                  work in progress; renamed into place when complete
     lock                  flock(2) lock taken for every write
+    locks/<kind>-<key>    flock(2) lock of a step being made: concurrent builds wait and reuse it
 
 An artifact's key is the sha256 of what made it (input model, pass configs, toolchain versions,
 target, backend); its files are checked against their recorded sha256 on every read.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mlopt import hostlock
 from mlopt.errors import StoreError, UnknownName
 
 ARTIFACT_META = "artifact.json"
@@ -81,15 +83,9 @@ class Store:
                 hint="pass --store DIR (or set MLOPT_STORE) to a folder you can write",
             ) from None
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """Exclusive lock for writes to the index and objects (concurrent builds wait)."""
-        with open(self.root / "lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return _flock(self.root / "lock")
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
@@ -115,19 +111,39 @@ class Store:
 
     # ------------------------------------------------------------ step cache
     def cached_step(self, kind: str, key: str, produce: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any], bool]:
-        """Return (folder, meta, hit) for a replayable step, running ``produce(folder)`` on a miss."""
+        """Return (folder, meta, hit) for a replayable step, running ``produce(folder)`` on a miss.
+
+        Processes asking for the same step at once (the SKU tasks of one recipe in a build matrix)
+        run ``produce`` once: the others wait for it and get its result as a hit."""
         dest = self.root / "cache" / kind / key
         meta_file = dest / STEP_META
         if meta_file.is_file():
             return dest, json.loads(meta_file.read_text()), True
-        with self.staging() as tmp:
-            work = tmp / "step"
-            work.mkdir()
-            meta = produce(work)
-            _write_json(work / STEP_META, meta)
-            with self.lock():
-                self._publish(work, dest)
+        (self.root / "locks").mkdir(exist_ok=True)
+        # one producer per step: a concurrent build of the same recipe waits here, then reuses the result
+        with _flock(self.root / "locks" / f"{kind}-{key}", hostlock.waiting):
+            if meta_file.is_file():
+                return dest, json.loads(meta_file.read_text()), True
+            with self.staging() as tmp:
+                work = tmp / "step"
+                work.mkdir()
+                meta = produce(work)
+                _write_json(work / STEP_META, meta)
+                with self.lock():
+                    self._publish(work, dest)
         return dest, json.loads(meta_file.read_text()), False
+
+    def lookup_step(self, kind: str, key: str) -> dict[str, Any] | None:
+        """The meta of a recorded step, or None."""
+        meta_file = self.root / "cache" / kind / key / STEP_META
+        return json.loads(meta_file.read_text()) if meta_file.is_file() else None
+
+    def record_step(self, kind: str, key: str, meta: dict[str, Any]) -> None:
+        """Record (or replace) a step that has no files of its own, atomically."""
+        dest = self.root / "cache" / kind / key
+        with self.lock():
+            dest.mkdir(parents=True, exist_ok=True)
+            _write_json(dest / STEP_META, meta)
 
     # ------------------------------------------------------------ artifacts
     def get(self, key: str) -> Artifact | None:
@@ -256,6 +272,23 @@ class Store:
                     shutil.rmtree(p, ignore_errors=True)
                     removed["tmp"] += 1
         return removed
+
+
+@contextlib.contextmanager
+def _flock(path: Path, waiting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+           ) -> Iterator[None]:
+    """An exclusive flock(2) on ``path``, released when the block ends or the process dies; ``waiting``
+    surrounds the wait when another process holds it."""
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with waiting():
+                fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _pid_alive(pid: str) -> bool:

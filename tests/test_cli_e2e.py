@@ -23,7 +23,7 @@ def test_compile_succeeds_and_writes_valid_manifest(digits_build: dict) -> None:
     assert res.exit_code == 0, res.output
     m = _manifest(digits_build)
     jsonschema.validate(m, json.loads(SCHEMA_FILE.read_text()))
-    assert m["schema_version"] == "1.1" and m["status"] == "ok"
+    assert m["schema_version"] == "1.2" and m["status"] == "ok"
     assert [e["sku"] for e in m["entries"]] == ["cpu-x86-64-v4", "cpu-aarch64-neoverse-v1"]
 
 
@@ -104,7 +104,7 @@ def test_artifacts_commands(digits_build: dict) -> None:
     show = runner.invoke(app, ["artifacts", "show", key[:10], "--store", store])
     assert show.exit_code == 0 and json.loads(show.stdout)["key"] == key
     ok = runner.invoke(app, ["artifacts", "verify", "--store", store])
-    assert ok.exit_code == 0 and "4 ok, 0 damaged" in ok.stdout
+    assert ok.exit_code == 0 and "5 ok, 0 damaged" in ok.stdout
     missing = runner.invoke(app, ["artifacts", "show", "ffffffffff", "--store", store])
     assert missing.exit_code == 2 and "no artifact" in missing.output
 

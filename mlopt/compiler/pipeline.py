@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlopt import __version__
+from mlopt import __version__, gates
 from mlopt.compiler import ingest
 from mlopt.compiler.builds import build_sku
 from mlopt.compiler.data import concat_outputs, score
@@ -23,7 +23,7 @@ from mlopt.compiler.measure import time_runner
 from mlopt.compiler.model import Model
 from mlopt.compiler.passes import CHANGES_OUTPUTS, TORCH_PASSES, PassContext, get_pass
 from mlopt.compiler.run import Log, Run, evaluate, geomean, toolchain
-from mlopt.errors import BackendUnavailable, BadInput, BudgetExceeded
+from mlopt.errors import BackendUnavailable, BadInput, BudgetExceeded, GateFailed
 from mlopt.manifest import Manifest, write_manifest
 from mlopt.recipes.load import dump_recipe
 from mlopt.recipes.schema import Recipe
@@ -47,6 +47,8 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
     skus = [catalog.get(t) for t in recipe.targets]
     _check_names(recipe)
     out_dir = _output_dir(recipe)
+    # read before the build, so a baseline that cannot be used fails in a second, not after it
+    baseline = gates.load_manifest_ref(recipe.gates.baseline) if recipe.gates.baseline else None
     with run.stage("ingest"):
         model, _ = _ingest(run)
     run.inputs = model.inputs
@@ -84,10 +86,15 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
         errors=errors,
         stage_seconds=run.stages,
     )
+    if baseline is not None:
+        manifest = gates.attach(manifest, gates.compare(baseline, manifest, gates.limits_for(recipe),
+                                                        recipe.gates.baseline))
     path = out_dir / "manifest.json"
     write_manifest(manifest, path)
     log(f"[done] manifest written to {path}")
-    return BuildResult(manifest, path, max(codes, key=lambda c: (c == 3, c), default=0))
+    code = max(codes, key=lambda c: (c == 3, c), default=0)
+    gate_failed = manifest.gates is not None and manifest.gates.verdict == "fail"
+    return BuildResult(manifest, path, code or (GateFailed.exit_code if gate_failed else 0))
 
 
 def _check_names(recipe: Recipe) -> None:

@@ -288,6 +288,117 @@ class Benchmark(Strict):
         return sorted(set(v))
 
 
+class ImageSettings(Strict):
+    """Container images of the builds (`mlopt image build`, `mlopt compile --push`)."""
+
+    base_image: str | None = Field(
+        None, description="Base image for every SKU, over the catalog's: a registry reference HOST/REPO:TAG or "
+                          "HOST/REPO@sha256:..., or oci:PATH[:TAG] for an OCI layout folder.")
+    base_images: dict[str, str] = Field(default_factory=dict, description="Base image per SKU name, over base_image.")
+    runtime_dir: str | None = Field(
+        None, description="A folder of Python packages (pip install --target) added as a layer on PYTHONPATH, for "
+                          "base images without the build's runtime.")
+    runtime_dirs: dict[str, str] = Field(default_factory=dict, description="Runtime folder per SKU name.")
+    registry: str | None = Field(None, description="Registry repository HOST/REPO that images are pushed to.")
+    push: bool = Field(False, description="Build and push the images after the compile (needs registry).")
+    push_with: Literal["http", "skopeo"] = Field("http", description="Push with the registry HTTP API or skopeo.")
+    tag: str = Field("v{version}-{sku}", description="Image tag template: {model} {version} {sku} {backend}.")
+    builder: Literal["builtin", "buildah", "podman", "docker"] = Field(
+        "builtin", description="builtin: mlopt writes the OCI layout itself (no daemon); else that tool builds the "
+                               "Dockerfile context.")
+    compress: bool = Field(True, description="gzip the layers (weights hardly compress; off saves time).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ImageSettings":
+        from mlopt.errors import BadInput
+        from mlopt.package.refs import parse_base, parse_repository
+
+        if self.push and not self.registry:
+            raise ValueError("push needs a registry: image.registry HOST/REPO (--registry)")
+        try:  # references and the tag template are checked when the recipe loads, not after the build
+            if self.registry:
+                parse_repository(self.registry)
+            for ref in [self.base_image, *self.base_images.values()]:
+                if ref:
+                    parse_base(ref)
+        except BadInput as e:
+            raise ValueError(e.message) from None
+        _check_tag_template(self.tag)
+        return self
+
+    def resolved(self, base: Path) -> "ImageSettings":
+        """A copy with relative oci: base images and runtime folders resolved against ``base``."""
+        def oci(ref: str | None) -> str | None:
+            if ref is None or not ref.startswith("oci:") or ref[4:].startswith(("/", "~")):
+                return ref
+            return "oci:" + str(base / ref[4:])
+
+        def folder(p: str | None) -> str | None:
+            return p if p is None or Path(p).expanduser().is_absolute() else str((base / p).resolve())
+
+        return self.model_copy(update={
+            "base_image": oci(self.base_image), "base_images": {k: oci(v) for k, v in self.base_images.items()},
+            "runtime_dir": folder(self.runtime_dir), "runtime_dirs": {k: folder(v) for k, v in self.runtime_dirs.items()}})
+
+
+def _check_tag_template(template: str) -> None:
+    from mlopt.package.refs import TAG
+
+    try:
+        sample = template.format(model="model", version=1, sku="sku", backend="backend")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"tag {template!r}: {e}; placeholders are {{model}} {{version}} {{sku}} {{backend}}") from None
+    if not TAG.match(sample):
+        raise ValueError(f"tag {template!r} does not make a valid image tag (1-128 letters, digits, '_', '.' or '-', "
+                         "not starting with '.' or '-')")
+
+
+class ServingSettings(Strict):
+    """Serving configs made from the measurements (images, `mlopt export triton|k8s|kserve`)."""
+
+    latency_sla_ms: float | None = Field(
+        None, gt=0, description="p99 latency a request may take: batch sizes whose measured p99 exceeds it are not "
+                                "used, and Triton's queue delay is what the SLA leaves after the largest batch's p99.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the in-image server.")
+    replicas: int = Field(1, ge=0, description="Replicas of each Kubernetes Deployment (KServe minReplicas).")
+    max_replicas: int = Field(1, ge=0, description="KServe maxReplicas.")
+    unmeasured_max_batch: int = Field(8, gt=0, description="Triton max_batch_size for SKUs without measured figures.")
+
+
+class Gates(Strict):
+    """CI gates: the build is compared with a baseline manifest, SKU by SKU (``mlopt compile --baseline``).
+
+    Latency is judged against the measured noise of both runs (see ``mlopt.gates``): a growth over
+    ``latency_regression`` fails only when it is also outside the noise band; otherwise it is
+    inconclusive (a warning, or a failure with ``strict``). A null limit turns its gate off.
+    """
+
+    baseline: str | None = Field(
+        None, description="The previous build's manifest: a file path (relative to the recipe) or an http(s):// or "
+                          "file:// URL. Without one no gate runs.")
+    latency_regression: float | None = Field(
+        0.10, ge=0, description="Largest allowed growth of p50 latency per batch size, as a ratio (0.10: 10%).")
+    throughput_drop: float | None = Field(
+        None, ge=0, lt=1, description="Largest allowed drop of throughput per batch size, as a ratio (null: off).")
+    accuracy_drop: float | None = Field(
+        None, ge=0, description="Largest allowed drop of the evaluation metric below the baseline's (absolute; "
+                                "null: the recipe's accuracy.max_drop).")
+    size_growth: float | None = Field(
+        0.10, ge=0, description="Largest allowed growth of the chosen artifact's size, as a ratio (0.10: 10%).")
+    noise_k: float = Field(
+        1.0, ge=0, description="Width of the latency noise band, in combined relative IQRs of the two runs: a "
+                               "regression must exceed it to fail.")
+    strict: bool = Field(False, description="Fail on inconclusive latency verdicts (too noisy to tell) instead of "
+                                            "warning.")
+
+    def resolved(self, base: Path) -> "Gates":
+        """A copy whose relative baseline file path is resolved against ``base``."""
+        b = self.baseline
+        if b is None or "://" in b or Path(b).expanduser().is_absolute() or b.startswith("~"):
+            return self
+        return self.model_copy(update={"baseline": str((base / b).resolve())})
+
+
 class Recipe(Strict):
     """One compile job. ``mlopt recipe schema`` prints this as JSON Schema."""
 
@@ -308,6 +419,9 @@ class Recipe(Strict):
     output: str = Field("out", description="Directory for the run's manifest and build links.")
     store: str | None = Field(None, description="Artifact store folder (default: $MLOPT_STORE or ~/.cache/mlopt/store).")
     catalog: str | None = Field(None, description="A SKU catalog file replacing the bundled one.")
+    image: ImageSettings = Field(default_factory=ImageSettings, description="Container images of the builds.")
+    serving: ServingSettings = Field(default_factory=ServingSettings, description="Serving configs from the measurements.")
+    gates: Gates = Field(default_factory=Gates, description="CI gates against a baseline manifest.")
 
     @field_validator("name")
     @classmethod
@@ -357,7 +471,9 @@ class Recipe(Strict):
         dirs = {k: str((base / getattr(self, k)).resolve()) for k in ("output", "store", "catalog")
                 if getattr(self, k) is not None and not Path(getattr(self, k)).expanduser().is_absolute()
                 and not getattr(self, k).startswith("~")}
-        return self.model_copy(update={"model": model, "data": data, "passes": passes, **dirs})
+        return self.model_copy(update={"model": model, "data": data, "passes": passes, **dirs,
+                                       "image": self.image.resolved(base),
+                                       "gates": self.gates.resolved(base)})
 
 
 def _resolve(p: str | None, base: Path) -> str | None:

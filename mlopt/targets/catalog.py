@@ -94,6 +94,10 @@ class SKU(Strict):
                                              description="ONNX Runtime execution providers to serve with, in order.")
     openvino_device: str | None = Field(None, description="OpenVINO device name (CPU, GPU) for this SKU.")
     threads: int | None = Field(None, gt=0, description="Threads a deployment uses (defaults to the benchmark plan's).")
+    ray_accelerator: str | None = Field(
+        None, description="Ray's accelerator type for this GPU (`ray.util.accelerators`: H100, A10G, "
+                          "AMD-Instinct-MI300X-OAM ...): build-matrix tasks that need the device ask Ray for "
+                          "`accelerator_type:<this>`.")
 
     @property
     def needs_gpu(self) -> bool:

@@ -33,6 +33,7 @@ def sku_rows(sku: SKU) -> list[tuple[str, str]]:
         ("kubernetes", f"resource {k8s.resource or '-'}; node selector "
                        + (", ".join(f"{k}={v}" for k, v in k8s.node_selector.items()) or "-")),
         ("driver management", k8s.operator or "-"),
+        ("ray accelerator", f"accelerator_type:{sku.ray_accelerator}" if sku.ray_accelerator else "-"),
         ("backends (in order)", ", ".join(sku.backends)),
         ("TVM target", str(sku.tvm_target) if sku.tvm_target else "-"),
         ("ONNX Runtime providers", ", ".join(sku.onnxruntime_providers)),

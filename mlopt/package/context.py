@@ -1,0 +1,93 @@
+"""The Dockerfile build context equivalent to a built-in image, for teams that build their own
+(``docker build``, ``buildah build``, ``podman build``, or mlopt's ``--builder`` option).
+
+The context holds the same files as the image's layers: ``model/`` (hard links to the store's
+files where the file system allows), ``serving/``, ``entry.py`` and, with a runtime folder,
+``runtime/``. The Dockerfile pins the base by digest. A builder's layers carry its own timestamps,
+so its image digest differs from the built-in one; the files inside are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mlopt.package.oci import FileEntry
+from mlopt.package.refs import LayoutRef, parse_base
+from mlopt.package.serving import ENTRY_PATH, MODEL_DIR, SERVING_DIR, Deployable
+
+if TYPE_CHECKING:
+    from mlopt.package.base import BaseImage
+    from mlopt.package.image import ImageOptions
+
+
+def write_context(d: Deployable, base: "BaseImage", folder: Path, options: "ImageOptions",
+                  labels: dict[str, str]) -> Path:
+    """Write the build context of one image into ``folder`` (replacing what was there)."""
+    from mlopt.package.image import SITE_PACKAGES, artifact_files, serving_files
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for f in artifact_files(d):
+        _place(f, folder / "model" / f.path[len(MODEL_DIR) + 1:])
+    for f in serving_files(d, options.serving):
+        rel = "entry.py" if f.path == ENTRY_PATH else "serving/" + f.path[len(SERVING_DIR) + 1:]
+        _place(f, folder / rel)
+    runtime = options.runtime_dirs.get(d.sku.name) or options.runtime_dir
+    if runtime:
+        shutil.copytree(runtime, folder / "runtime", symlinks=True)
+    (folder / "Dockerfile").write_text(dockerfile(base, labels, options.serving.port,
+                                                  SITE_PACKAGES if runtime else None))
+    return folder
+
+
+def _place(f: FileEntry, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if f.link is not None:
+        dest.symlink_to(f.link)
+    elif f.data is not None:
+        dest.write_bytes(f.data)
+    else:
+        assert f.source is not None
+        try:
+            dest.hardlink_to(f.source)
+        except OSError:
+            shutil.copyfile(f.source, dest)
+        if f.mode & 0o111:
+            dest.chmod(0o755)
+
+
+def base_from(base: "BaseImage") -> str:
+    """The FROM line's image: a registry base pinned by digest; a layout base as buildah names it."""
+    ref = parse_base(base.name)
+    if isinstance(ref, LayoutRef):
+        return base.name
+    return f"{ref.name}@{base.digest}"
+
+
+def dockerfile(base: "BaseImage", labels: dict[str, str], port: int, site_packages: str | None) -> str:
+    """The Dockerfile of the image: same files, environment, entry point and labels."""
+    serve = f"{SERVING_DIR}/serve.json"
+    env = {"MLOPT_SERVING": serve, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": site_packages} if site_packages else {})}
+    lines = [
+        "# Written by mlopt: the image `mlopt image build` makes without a daemon, as a Dockerfile.",
+        "# An oci:PATH base is read by buildah and podman; with docker, pass --build-arg BASE_IMAGE=...",
+        f"ARG BASE_IMAGE={base_from(base)}",
+        "FROM ${BASE_IMAGE}",
+        f"COPY model/ {MODEL_DIR}/",
+        *([f"COPY runtime/ {site_packages}/"] if site_packages else []),
+        f"COPY serving/ {SERVING_DIR}/",
+        f"COPY entry.py {ENTRY_PATH}",
+        "# The entry point needs python3, numpy and the build's runtime (serving/requirements.txt) in the base image",
+        "# or the runtime folder; with network access: RUN python3 -m pip install -r /opt/mlopt/serving/requirements.txt",
+        "ENV " + " ".join(f"{k}={json.dumps(v)}" for k, v in env.items()),
+        "LABEL " + " \\\n      ".join(f"{json.dumps(k)}={json.dumps(v)}" for k, v in sorted(labels.items())),
+        f"EXPOSE {port}",
+        "WORKDIR /opt/mlopt",
+        f'ENTRYPOINT ["python3", "{ENTRY_PATH}"]',
+        f'CMD ["--serving", "{serve}"]',
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,183 @@
+"""Serving settings derived from a manifest's measurements, shared by the image and the exporters.
+
+A ``Deployable`` gathers what the configs of one (model, SKU) are made from: the manifest entry,
+the model's signature, the SKU from the catalog and the verified artifact from the store.
+``plan_batching`` turns the measured latency/throughput curve and the recipe's latency SLA into
+Triton's batching settings; ``serve_spec`` is the ``serve.json`` the in-image entry point reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlopt.errors import BadInput, StoreError
+from mlopt.manifest import Entry, Manifest, Measurement, ModelInfo
+from mlopt.store import Artifact, Store
+from mlopt.targets.catalog import SKU, Catalog
+
+IMAGE_ROOT = "/opt/mlopt"
+MODEL_DIR = f"{IMAGE_ROOT}/model"
+SERVING_DIR = f"{IMAGE_ROOT}/serving"
+ENTRY_PATH = f"{IMAGE_ROOT}/entry.py"
+ENGINE_CACHE = "/var/cache/mlopt"
+JIT_BACKENDS = ("tensorrt", "migraphx")  # engines built on the device when the container starts
+MIN_GAIN = 1.10  # a larger batch is preferred only for at least 10% more throughput
+RUNTIME_OVERHEAD = 256 << 20  # Python, numpy and the runtime library beside the model (bytes)
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Knobs of the serving configs (the recipe's ``serving:`` section)."""
+
+    latency_sla_ms: float | None = None
+    port: int = 8000
+    replicas: int = 1
+    max_replicas: int = 1
+    unmeasured_max_batch: int = 8  # max_batch_size where the SKU has no figures
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    max_batch_size: int  # 0: the model has no batch axis (no dynamic batching)
+    preferred: tuple[int, ...]
+    queue_delay_us: int
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Deployable:
+    """One (model, SKU) of a manifest, with its SKU and verified artifact."""
+
+    manifest: Manifest
+    model: ModelInfo
+    entry: Entry
+    sku: SKU
+    artifact: Artifact
+    compiled: str | None
+    siblings: tuple[Artifact, ...] = field(default=())  # the entry's other built candidates
+
+    @property
+    def backend(self) -> str:
+        assert self.entry.chosen_backend is not None
+        return self.entry.chosen_backend
+
+    @property
+    def threads(self) -> int:
+        """Threads one instance uses: the SKU's, else the ONNX Runtime session's, else its vCPUs."""
+        session = self.artifact.meta.get("session")
+        settings = _read_json(self.artifact.path / session) if session else None
+        return int(self.sku.threads or (settings or {}).get("intra_op_num_threads") or self.sku.vcpus or 1)
+
+    @property
+    def batchable(self) -> bool:
+        """Every input's first axis is the same named dynamic axis (the batch axis)."""
+        firsts = {i.shape[0] if i.shape else None for i in self.model.inputs}
+        return len(firsts) == 1 and isinstance(next(iter(firsts)), str)
+
+    @property
+    def slug(self) -> str:
+        return f"{self.model.name}-v{self.entry.version}-{self.sku.name}"
+
+
+def deployables(manifest: Manifest, store: Store, catalog: Catalog,
+                skus: tuple[str, ...] = ()) -> tuple[list[Deployable], list[str]]:
+    """The manifest's deployable entries (chosen build present in the store), and why others were skipped."""
+    out, skipped = [], []
+    for entry in manifest.entries:
+        if skus and entry.sku not in skus:
+            continue
+        if entry.artifact is None or entry.chosen_backend is None:
+            skipped.append(f"{entry.model} on {entry.sku}: no chosen build")
+            continue
+        art = store.checked(entry.artifact.key)
+        if art is None:
+            raise StoreError(f"artifact {entry.artifact.key[:12]} of {entry.model} on {entry.sku} is not in "
+                             f"store {store.root}",
+                             hint="pass the store the manifest was built with (--store)")
+        model = next((m for m in manifest.models if m.name == entry.model and m.version == entry.version), None)
+        if model is None:
+            raise BadInput(f"manifest lists no model {entry.model} v{entry.version} for entry {entry.sku}")
+        chosen = next((c for c in entry.candidates if c.backend == entry.chosen_backend), None)
+        siblings = tuple(a for c in entry.candidates if c.artifact and c.artifact.key != art.key
+                         for a in [store.get(c.artifact.key)] if a is not None)
+        out.append(Deployable(manifest, model, entry, catalog.get(entry.sku), art, chosen.compiled if chosen else None,
+                              siblings))
+    if skus and not out and not skipped:
+        raise BadInput(f"the manifest has no entry for SKU {', '.join(skus)}; it has "
+                       f"{', '.join(e.sku for e in manifest.entries)}")
+    return out, skipped
+
+
+def plan_batching(measurement: Measurement | None, sla_ms: float | None, batchable: bool,
+                  unmeasured_max: int = 8) -> BatchPlan:
+    """Triton batching from the measured curve: the largest measured batch whose p99 meets the SLA
+    is ``max_batch_size``; sizes that add at least 10% throughput over every smaller one are
+    preferred; the queue delay is what the SLA leaves after that batch's p99, at most its p50
+    (waiting longer than one batch takes gains nothing)."""
+    if not batchable:
+        return BatchPlan(0, (), 0, ("the model has no batch axis: Triton batching is off",))
+    if measurement is None or not measurement.batches:
+        return BatchPlan(unmeasured_max, (), 0, (f"not measured on this SKU: max_batch_size {unmeasured_max} "
+                                                 "is a default, no preferred sizes, no queue delay",))
+    batches = sorted(measurement.batches, key=lambda b: b.batch_size)
+    within = [b for b in batches if sla_ms is None or b.p99_ms <= sla_ms]
+    if not within:
+        b = batches[0]
+        return BatchPlan(b.batch_size, (), 0, (f"the latency SLA {sla_ms:g} ms cannot be met: p99 at batch "
+                                               f"{b.batch_size} is {b.p99_ms:g} ms; batching kept at its minimum",))
+    top = within[-1]
+    preferred, best = [], 0.0
+    for b in within:
+        thr = b.throughput_per_s or 0.0
+        if b.batch_size > 1 and best and thr >= best * MIN_GAIN:
+            preferred.append(b.batch_size)
+        best = max(best, thr)
+    notes = [f"max_batch_size {top.batch_size}: p99 {top.p99_ms:g} ms"
+             + (f" within the {sla_ms:g} ms SLA" if sla_ms is not None else " (no latency SLA in the recipe)")]
+    if sla_ms is None:
+        return BatchPlan(top.batch_size, tuple(preferred), 0, tuple(notes + ["no SLA: no queue delay"]))
+    delay_ms = max(0.0, min(sla_ms - top.p99_ms, top.p50_ms))
+    notes.append(f"queue delay {delay_ms * 1000:.0f} us: queue delay + p99 {top.p99_ms:g} ms <= SLA {sla_ms:g} ms")
+    return BatchPlan(top.batch_size, tuple(preferred), int(math.floor(delay_ms * 1000)), tuple(notes))
+
+
+def memory_request(d: Deployable) -> tuple[int, str]:
+    """Bytes of memory to request for one replica, and where the figure comes from."""
+    size = d.entry.artifact.size_bytes if d.entry.artifact else 0
+    measured = d.entry.measurement.peak_memory_bytes if d.entry.measurement else None
+    if measured is None:
+        return RUNTIME_OVERHEAD + 2 * size, "artifact size x2 + runtime overhead (memory not measured on this SKU)"
+    return RUNTIME_OVERHEAD + max(measured, size), "measured peak memory (at least the artifact size) + runtime overhead"
+
+
+def serve_spec(d: Deployable, options: ServingOptions) -> dict[str, Any]:
+    """The ``serve.json`` the in-image entry point reads."""
+    return {
+        "model": d.model.name, "version": d.entry.version, "sku": d.sku.name, "backend": d.backend,
+        "precision": d.entry.precision, "model_dir": MODEL_DIR, "entry": d.artifact.meta.get("entry"),
+        "inputs": [i.model_dump(mode="json") for i in d.model.inputs], "outputs": list(d.model.outputs),
+        "threads": d.threads, "providers": list(d.sku.onnxruntime_providers), "openvino_device": d.sku.openvino_device,
+        "port": options.port, "engine_cache": ENGINE_CACHE if d.backend in JIT_BACKENDS else None,
+    }
+
+
+def requirements(d: Deployable) -> str:
+    """requirements.txt pinning the runtime the artifact was built and validated with (for an
+    on-device engine plan: the engine library and its CUDA binding the plan names)."""
+    names = {"onnxruntime": "onnxruntime", "apache-tvm": "apache-tvm", "openvino": "openvino"}
+    pins = [f"{names[k]}=={v}" for k, v in sorted(d.artifact.meta.get("toolchain", {}).items()) if k in names]
+    plan = _read_json(d.artifact.path / "engine_plan.json") or {}
+    library = plan.get("library") or {}
+    pins += [x for x in (library.get("requires"), library.get("runtime")) if x]
+    return "\n".join(["numpy"] + pins) + "\n"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,275 @@
+"""Triton model repositories per SKU: ``config.pbtxt`` built as Triton's own ``ModelConfig``
+protobuf (from ``tritonclient[grpc]``) and checked again, semantically, after rendering.
+
+Backends map to Triton as data: ONNX Runtime builds run on the ``onnxruntime_onnx`` platform;
+TensorRT and MIGraphX builds (ONNX plus an on-device build plan) run there too, with the engine
+built on the GPU by the execution accelerator and cached; OpenVINO IR runs on the ``openvino``
+backend; TVM libraries run on the ``python`` backend through mlopt's entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlopt.errors import BackendUnavailable, BadInput
+from mlopt.package.onnxio import TensorDecl, graph_io
+from mlopt.package.serving import (
+    ENGINE_CACHE,
+    BatchPlan,
+    Deployable,
+    ServingOptions,
+    plan_batching,
+    serve_spec,
+)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How Triton runs one mlopt backend."""
+
+    key: str  # "platform" or "backend"
+    value: str
+    files: tuple[str, ...]  # artifact files (name prefixes) Triton loads from the version folder
+    default_file: str | None = None
+    accelerator: str | None = None  # gpu_execution_accelerator of the ONNX Runtime backend
+
+
+RUNTIMES = {
+    "onnxruntime": Runtime("platform", "onnxruntime_onnx", ("model.onnx",), "model.onnx"),
+    "tensorrt": Runtime("platform", "onnxruntime_onnx", ("model.onnx",), "model.onnx", "tensorrt"),
+    # MIGraphX as an ONNX Runtime accelerator needs ROCm's build of Triton's ONNX Runtime backend.
+    "migraphx": Runtime("platform", "onnxruntime_onnx", ("model.onnx",), "model.onnx", "migraphx"),
+    "openvino": Runtime("backend", "openvino", ("model.xml", "model.bin"), "model.xml"),
+    "tvm": Runtime("backend", "python", ("",)),  # every artifact file, beside model.py
+}
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16",
+                "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
+                "uint64": "TYPE_UINT64", "uint32": "TYPE_UINT32", "uint16": "TYPE_UINT16", "uint8": "TYPE_UINT8",
+                "bool": "TYPE_BOOL"}
+PYTHON_MODEL = '''"""Triton Python backend model: runs an mlopt build through mlopt's entry point loaders."""
+import json
+import sys
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from mlopt_entry import load_runner  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.spec = json.loads((HERE / "serve.json").read_text())
+        self.run = load_runner(self.spec, HERE)
+
+    def execute(self, requests):
+        names = [i["name"] for i in self.spec["inputs"]]
+        responses = []
+        for request in requests:
+            out = self.run({n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in names})
+            tensors = [pb_utils.Tensor(n, out[n]) for n in self.spec["outputs"]]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses
+'''
+
+
+def _pb() -> Any:
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise BackendUnavailable("Triton's ModelConfig protobuf is missing (tritonclient[grpc])",
+                                 hint="pip install 'mlopt[serve]'") from None
+    return model_config_pb2
+
+
+def runtime_of(backend: str) -> Runtime:
+    if backend not in RUNTIMES:
+        raise BadInput(f"no Triton runtime for backend {backend!r}; known: {', '.join(sorted(RUNTIMES))}")
+    return RUNTIMES[backend]
+
+
+def output_decls(d: Deployable) -> list[TensorDecl]:
+    """Output declarations from an ONNX file of the build, or of another build of the same entry."""
+    for art in (d.artifact, *d.siblings):
+        onnx_file = art.path / "model.onnx"
+        if onnx_file.is_file():
+            return graph_io(onnx_file)[1]
+    raise BadInput(f"{d.slug}: no ONNX file among the entry's builds to read output shapes from",
+                   hint="compile with the onnxruntime backend as well (it is cheap) to export Triton configs")
+
+
+def instance_group(d: Deployable) -> tuple[str, int]:
+    """CPU: one instance per ``threads`` cores; GPU: two (copies overlap compute) when the model is
+    small beside the device memory, else one."""
+    if d.sku.kind == "gpu":
+        size = d.entry.artifact.size_bytes if d.entry.artifact else 0
+        roomy = d.sku.memory_gb is not None and 4 * size < d.sku.memory_gb * 1e9 / 2
+        return "KIND_GPU", 2 if roomy else 1
+    return "KIND_CPU", max(1, (d.sku.vcpus or d.threads) // d.threads)
+
+
+def model_config(d: Deployable, plan: BatchPlan) -> Any:
+    """The ``ModelConfig`` protobuf for one deployable."""
+    pb = _pb()
+    rt = runtime_of(d.backend)
+    c = pb.ModelConfig(name=d.model.name, max_batch_size=plan.max_batch_size)
+    setattr(c, rt.key, rt.value)
+    if rt.default_file:
+        c.default_model_filename = rt.default_file
+    strip = 1 if plan.max_batch_size > 0 else 0
+    for i in d.model.inputs:
+        c.input.add(name=i.name, data_type=pb.DataType.Value(TRITON_TYPES[i.dtype]), dims=_dims(i.shape[strip:]))
+    for o in output_decls(d):
+        c.output.add(name=o.name, data_type=pb.DataType.Value(TRITON_TYPES[o.dtype]), dims=_dims(o.shape[strip:]))
+    if plan.max_batch_size > 0:
+        c.dynamic_batching.preferred_batch_size.extend(plan.preferred)
+        c.dynamic_batching.max_queue_delay_microseconds = plan.queue_delay_us
+    kind, count = instance_group(d)
+    c.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value(kind), count=count)
+    _tune(c, d, rt)
+    return c
+
+
+def _dims(shape: Any) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def _tune(c: Any, d: Deployable, rt: Runtime) -> None:
+    if rt.value == "onnxruntime_onnx":
+        c.parameters["intra_op_thread_count"].string_value = str(d.threads)
+        c.parameters["inter_op_thread_count"].string_value = "1"
+    if rt.value == "openvino":
+        c.parameters["INFERENCE_NUM_THREADS"].string_value = str(d.threads)
+    if rt.accelerator:
+        acc = c.optimization.execution_accelerators.gpu_execution_accelerator.add(name=rt.accelerator)
+        for key, value in _accelerator_parameters(d, rt.accelerator).items():
+            acc.parameters[key] = value
+
+
+def _accelerator_parameters(d: Deployable, name: str) -> dict[str, str]:
+    plan = _plan(d)
+    precision = plan.get("precision") or {}
+    if name == "tensorrt":
+        mode = "INT8" if precision.get("int8") else "FP16" if precision.get("fp16") else "FP32"
+        return {"precision_mode": mode, "max_workspace_size_bytes": str(plan.get("workspace_bytes", 1 << 30)),
+                "trt_engine_cache_enable": "1", "trt_engine_cache_path": f"{ENGINE_CACHE}/triton-trt"}
+    return {"fp16_enable": "1" if precision.get("fp16") else "0", "int8_enable": "1" if precision.get("int8") else "0"}
+
+
+def _plan(d: Deployable) -> dict[str, Any]:
+    path = d.artifact.path / "engine_plan.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def render(config: Any, notes: tuple[str, ...] = ()) -> str:
+    """config.pbtxt text: the protobuf text format, after comments saying how it was chosen."""
+    from google.protobuf import text_format
+
+    head = "".join(f"# {n}\n" for n in ("Written by mlopt from the manifest's measurements.", *notes))
+    return head + text_format.MessageToString(config)
+
+
+def validate(text: str, where: str = "config.pbtxt") -> Any:
+    """Parse ``text`` as Triton's ModelConfig and check what the protobuf cannot: a preferred batch
+    size above max_batch_size, batching without a batch axis, empty or zero dimensions ..."""
+    from google.protobuf import text_format
+
+    pb = _pb()
+    try:
+        c = text_format.Parse(text, pb.ModelConfig())
+    except text_format.ParseError as e:
+        raise BadInput(f"{where}: not a Triton ModelConfig: {e}") from None
+    problems = _semantic_problems(c, pb)
+    if problems:
+        raise BadInput(f"{where}: " + "; ".join(problems))
+    return c
+
+
+def _semantic_problems(c: Any, pb: Any) -> list[str]:
+    out = []
+    if not (c.platform or c.backend):
+        out.append("neither platform nor backend is set")
+    if c.max_batch_size < 0:
+        out.append(f"max_batch_size {c.max_batch_size} is negative")
+    if c.HasField("dynamic_batching"):
+        sizes = list(c.dynamic_batching.preferred_batch_size)
+        if c.max_batch_size == 0:
+            out.append("dynamic_batching needs max_batch_size > 0")
+        out += [f"preferred_batch_size {s} is above max_batch_size {c.max_batch_size}" for s in sizes
+                if c.max_batch_size and s > c.max_batch_size]
+        out += [f"preferred_batch_size {s} is not positive" for s in sizes if s <= 0]
+        if len(set(sizes)) != len(sizes):
+            out.append(f"preferred_batch_size repeats a size: {sizes}")
+    for kind, tensors in (("input", c.input), ("output", c.output)):
+        if not tensors:
+            out.append(f"no {kind}s")
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            out.append(f"{kind} names repeat: {names}")
+        for t in tensors:
+            if t.data_type == pb.TYPE_INVALID:
+                out.append(f"{kind} {t.name!r} has no data_type")
+            if any(d == 0 or d < -1 for d in t.dims):
+                out.append(f"{kind} {t.name!r} has a dimension that is 0 or below -1: {list(t.dims)}")
+    for g in c.instance_group:
+        if g.count < 1:
+            out.append(f"instance_group count {g.count} is below 1")
+    gpu = any(g.kind == pb.ModelInstanceGroup.KIND_GPU for g in c.instance_group)
+    if c.optimization.execution_accelerators.gpu_execution_accelerator and not gpu:
+        out.append("a GPU execution accelerator is configured but no instance_group is KIND_GPU")
+    return out
+
+
+def config_text(d: Deployable, options: ServingOptions) -> str:
+    """The validated config.pbtxt of one deployable."""
+    plan = plan_batching(d.entry.measurement, options.latency_sla_ms, d.batchable, options.unmeasured_max_batch)
+    text = render(model_config(d, plan), plan.notes)
+    validate(text, f"{d.slug} config.pbtxt")
+    return text
+
+
+def version_files(d: Deployable) -> list[Path]:
+    """The artifact files Triton loads from the model's version folder."""
+    rt = runtime_of(d.backend)
+    return [p for p in sorted(d.artifact.path.iterdir())
+            if p.is_file() and p.name != "artifact.json" and any(p.name.startswith(f) for f in rt.files)]
+
+
+def python_backend_files(d: Deployable, options: ServingOptions) -> dict[str, bytes]:
+    """model.py and serve.json for builds Triton runs on its Python backend (besides mlopt_entry.py)."""
+    if runtime_of(d.backend).value != "python":
+        return {}
+    spec = {**serve_spec(d, options), "model_dir": None}
+    return {"model.py": PYTHON_MODEL.encode(), "serve.json": json.dumps(spec, indent=2).encode()}
+
+
+def write_repository(d: Deployable, out: Path, options: ServingOptions) -> Path:
+    """Write ``out/<model>/config.pbtxt`` and ``out/<model>/1/`` (hard links to the store's files
+    where the file system allows, else copies); returns the model folder."""
+    from mlopt.package import entry
+
+    folder = out / d.model.name
+    version = folder / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(config_text(d, options))
+    for src in version_files(d):
+        _link_or_copy(src, version / src.name)
+    extra = python_backend_files(d, options)
+    for name, data in extra.items():
+        (version / name).write_bytes(data)
+    if extra:
+        shutil.copyfile(entry.__file__, version / "mlopt_entry.py")
+    return folder
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    dest.unlink(missing_ok=True)
+    try:
+        dest.hardlink_to(src)
+    except OSError:
+        shutil.copyfile(src, dest)
