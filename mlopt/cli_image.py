@@ -106,7 +106,8 @@ def image_push(
     def go() -> None:
         from mlopt.package.publish import PushOptions, push_images
 
-        images = push_images(_image_dir(manifest, out), PushOptions(registry, via, chunk_mb << 20), _log, tuple(skus))
+        images = push_images(_image_dir(manifest, out), PushOptions(registry, via, chunk_mb << 20), _log, tuple(skus),
+                             manifest_path=manifest)
         _table(images, _image_dir(manifest, out))
     _cli().guarded(go)
 

@@ -118,6 +118,16 @@ class Cost(Strict):
     price_date: str
 
 
+class ImageRef(Strict):
+    """The OCI image of an entry's chosen build (written by `mlopt image build|push`, `compile --push`)."""
+
+    tag: str
+    digest: str = Field(description="sha256 of the image manifest: the same inputs give the same digest.")
+    base: str = Field(description="The base image it was built on.")
+    base_digest: str
+    pushed: list[str] = Field(default_factory=list, description="Registry references by digest it was pushed to.")
+
+
 class Entry(Strict):
     """One (model, SKU): the chosen build and every candidate tried."""
 
@@ -132,6 +142,7 @@ class Entry(Strict):
     measurement: Measurement | None
     cost: Cost | None = Field(description="Absent unless the SKU has a price and its throughput was measured.")
     candidates: list[Candidate]
+    image: ImageRef | None = Field(None, description="The OCI image of the chosen build, once one is built.")
 
 
 class PassReport(Strict):

@@ -339,3 +339,14 @@ def test_compile_push_builds_and_pushes_each_skus_image(digits_build: dict, base
         assert json.loads(info.stdout)["Labels"]["dev.mlopt.model"] == "digits-cnn"
     bad = runner.invoke(app, ["compile", str(recipe), "--store", str(digits_build["store"]), "--push"])
     assert bad.exit_code == 2 and "registry" in bad.output  # --push needs a registry: refused before building
+
+
+def test_manifest_records_each_entrys_image(images: Path, manifest: Path, reg: str) -> None:
+    res = runner.invoke(app, ["image", "push", str(manifest), "--out", str(images), "--registry", f"{reg}/mlopt/rec"])
+    assert res.exit_code == 0, res.output
+    entries = {e["sku"]: e for e in json.loads(manifest.read_text())["entries"]}
+    built = {i.sku: i for i in read_record(images)}
+    for sku, img in built.items():
+        recorded = entries[sku]["image"]
+        assert recorded["digest"] == img.digest and recorded["tag"] == img.tag
+        assert f"{reg}/mlopt/rec:{img.tag}@{img.digest}" in recorded["pushed"]

@@ -108,7 +108,22 @@ def build_images(manifest_path: Path, store: Store | None, options: ImageOptions
     bases = {d.sku.name: _base(d, layout, options, cache, log) for d in items}
     built = [_build_one(d, tags[d.sku.name], layout, bases[d.sku.name], options, log) for d in items]
     write_record(options.out, built)
+    record_in_manifest(manifest_path, built)
     return built
+
+
+def record_in_manifest(manifest_path: Path, images: list[BuiltImage]) -> None:
+    """Write each image's digest (and where it was pushed) into its entry of the manifest, atomically."""
+    from mlopt.manifest import ImageRef, write_manifest
+
+    manifest = read_manifest(manifest_path)
+    by_key = {(i.model, i.version, i.sku): i for i in images}
+    for entry in manifest.entries:
+        img = by_key.get((entry.model, entry.version, entry.sku))
+        if img is not None:
+            entry.image = ImageRef(tag=img.tag, digest=img.digest, base=img.base, base_digest=img.base_digest,
+                                   pushed=list(img.pushed))
+    write_manifest(manifest, Path(manifest_path))
 
 
 def _base(d: Deployable, layout: Layout, options: ImageOptions, cache: dict[tuple[str, str], BaseImage],

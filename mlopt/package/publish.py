@@ -22,6 +22,7 @@ from mlopt.package.image import (
     ImageOptions,
     build_images,
     read_record,
+    record_in_manifest,
     write_record,
 )
 from mlopt.package.oci import OCI_MANIFEST, Descriptor, Layout
@@ -41,8 +42,10 @@ class PushOptions:
     chunk_bytes: int = 0  # 0: each blob in one streamed PATCH
 
 
-def push_images(out: Path, options: PushOptions, log: Log = print, skus: tuple[str, ...] = ()) -> list[BuiltImage]:
-    """Push the images recorded in ``out/images.json`` (those of ``skus`` when given)."""
+def push_images(out: Path, options: PushOptions, log: Log = print, skus: tuple[str, ...] = (),
+                manifest_path: Path | None = None) -> list[BuiltImage]:
+    """Push the images recorded in ``out/images.json`` (those of ``skus`` when given); record the
+    pushed references in the manifest at ``manifest_path`` when given."""
     dest = parse_repository(options.registry)
     if options.via not in PUSHERS:
         raise BadInput(f"unknown pusher {options.via!r}; choose from {', '.join(PUSHERS)}")
@@ -57,6 +60,8 @@ def push_images(out: Path, options: PushOptions, log: Log = print, skus: tuple[s
         img.pushed = [p for p in img.pushed if p.split("@")[0].rsplit(":", 1)[0] != ref.name] + [pushed]
         log(f"[push] {img.sku}: {ref} {digest[:19]}")
     write_record(out, images)
+    if manifest_path is not None:
+        record_in_manifest(manifest_path, images)
     return images
 
 
@@ -126,7 +131,8 @@ def publish(manifest_path: Path, recipe: Any, store: Store | None = None, log: L
     images = build_images(manifest_path, store, options, log, recipe.catalog)
     if not recipe.image.registry:
         return images
-    return push_images(options.out, PushOptions(recipe.image.registry, recipe.image.push_with), log)
+    return push_images(options.out, PushOptions(recipe.image.registry, recipe.image.push_with), log,
+                       manifest_path=Path(manifest_path))
 
 
 def serving_options(s: Any) -> ServingOptions:
