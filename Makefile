@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 # Debian tools GPU cross-compiles and image tests use; installed where missing when run as root,
 # otherwise named (the tests that need them skip with the same hint).
-SYSTEM_DEPS := lld-22 rocm-device-libs gcc-aarch64-linux-gnu
+SYSTEM_DEPS := lld-22 rocm-device-libs gcc-aarch64-linux-gnu skopeo umoci docker-registry
 system-deps:
 	@missing=$$(for p in $(SYSTEM_DEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
