@@ -93,9 +93,10 @@ def compile_overrides(**f: Any) -> dict[str, Any]:
         o["backends"] = [b.strip() for spec in f["backends"] for b in spec.split(",") if b.strip()]
     if f["passes"]:
         o["passes"] = [{"kind": p} for p in f["passes"]]
+    # paths given as flags are relative to the working directory (recipe paths: to the recipe's folder)
     for key, field in (("out", "output"), ("store", "store"), ("catalog", "catalog")):
         if f[key]:
-            o[field] = str(f[key])
+            o[field] = str(Path(f[key]).expanduser().resolve())
     bench = {k: v for k, v in (("runs", f["runs"]), ("warmup", f["warmup"]), ("threads", f["threads"])) if v is not None}
     if f["batch_sizes"]:
         bench["batch_sizes"] = _ints(f["batch_sizes"], "--batch-sizes")
@@ -107,10 +108,13 @@ def compile_overrides(**f: Any) -> dict[str, Any]:
     if acc:
         o["accuracy"] = acc
     data = {}
+    from mlopt.recipes.schema import resolve_source
+
     if f["eval_data"]:
-        data["evaluation"] = {"source": f["eval_data"], **({"metric": f["metric"]} if f["metric"] else {})}
+        data["evaluation"] = {"source": resolve_source(f["eval_data"], Path.cwd()),
+                              **({"metric": f["metric"]} if f["metric"] else {})}
     if f["calib_data"]:
-        data["calibration"] = {"source": f["calib_data"]}
+        data["calibration"] = {"source": resolve_source(f["calib_data"], Path.cwd())}
     if data:
         o["data"] = data
     from mlopt.package.refs import absolute_oci

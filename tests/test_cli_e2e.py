@@ -149,3 +149,15 @@ def test_help_does_not_import_heavy_libraries() -> None:
            "print(sorted(m for m in ('torch', 'tvm', 'onnxruntime', 'onnx') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_path_flags_are_relative_to_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "digits" / "recipe.yaml"
+    res = runner.invoke(app, ["compile", str(recipe), "--out", "rel/out", "--store", "rel/store", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    printed = yaml.safe_load(res.stdout)
+    assert printed["output"] == str(tmp_path / "rel" / "out") and printed["store"] == str(tmp_path / "rel" / "store")
+    assert printed["data"]["evaluation"]["source"].startswith(str(recipe.parent))  # recipe paths stay the recipe's

@@ -456,7 +456,7 @@ class Recipe(Strict):
     def resolve_paths(self, base: Path) -> "Recipe":
         """Return a copy whose relative file paths are resolved against ``base`` (the recipe's folder)."""
         def fix(p: str | None) -> str | None:
-            return _resolve(p, base)
+            return resolve_source(p, base)
 
         model = self.model.model_copy(update={"source": fix(self.model.source), "checkpoint": fix(self.model.checkpoint)})
         data = self.data.model_copy(update={
@@ -476,7 +476,7 @@ class Recipe(Strict):
                                        "gates": self.gates.resolved(base)})
 
 
-def _resolve(p: str | None, base: Path) -> str | None:
+def resolve_source(p: str | None, base: Path) -> str | None:
     """Resolve a file path, or the file part of 'file.py:function', against ``base``."""
     if p is None:
         return None
