@@ -350,3 +350,20 @@ def test_manifest_records_each_entrys_image(images: Path, manifest: Path, reg: s
         recorded = entries[sku]["image"]
         assert recorded["digest"] == img.digest and recorded["tag"] == img.tag
         assert f"{reg}/mlopt/rec:{img.tag}@{img.digest}" in recorded["pushed"]
+
+
+def test_rocm_build_image_says_how_to_get_a_rocm_tvm_runtime(base: Path, tmp_path: Path) -> None:
+    from mlopt.targets.gpu_toolchain import rocm_missing
+
+    if rocm_missing():
+        pytest.skip(rocm_missing())
+    from test_gpu_builds import conv_onnx
+
+    res = runner.invoke(app, ["compile", str(conv_onnx(tmp_path / "conv.onnx")), "--input", "x:batchx3x16x16",
+                              "--target", "mi300x", "--backend", "tvm", "--backend", "onnxruntime", "--store", str(tmp_path / "store"),
+                              "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    res = build(tmp_path / "out" / "manifest.json", tmp_path / "img", f"oci:{base}:base")
+    assert res.exit_code == 0, res.output
+    dockerfile = (tmp_path / "img" / "context" / "v1-mi300x" / "Dockerfile").read_text()
+    assert "-DUSE_ROCM=ON" in dockerfile and "no HIP runtime" in dockerfile

@@ -40,8 +40,33 @@ def write_context(d: Deployable, base: "BaseImage", folder: Path, options: "Imag
     if runtime:
         shutil.copytree(runtime, folder / "runtime", symlinks=True)
     (folder / "Dockerfile").write_text(dockerfile(base, labels, options.serving.port,
-                                                  SITE_PACKAGES if runtime else None))
+                                                  SITE_PACKAGES if runtime else None, runtime_notes(d)))
     return folder
+
+
+# TVM's PyPI wheel carries the CUDA runtime plugin but no HIP one: a ROCm build's image needs a TVM
+# runtime built with ROCm on a ROCm base image (the runtime alone: no LLVM, a few MB).
+ROCM_TVM_RUNTIME = [
+    "# This is a TVM ROCm (gfx) build: the PyPI apache-tvm wheel has no HIP runtime. Build TVM's runtime",
+    "# with ROCm on this ROCm base image instead of installing the wheel, for example:",
+    "#   RUN git clone --recursive --depth 1 --branch v{version} https://github.com/apache/tvm /tmp/tvm \\",
+    "#    && cmake -S /tmp/tvm -B /tmp/tvm/build -DUSE_ROCM=ON -DUSE_LLVM=OFF -DCMAKE_BUILD_TYPE=Release \\",
+    "#    && cmake --build /tmp/tvm/build --target tvm_runtime -j \\",
+    "#    && TVM_LIBRARY_PATH=/tmp/tvm/build python3 -m pip install /tmp/tvm/python && rm -rf /tmp/tvm",
+    "# and run with TVM_USE_RUNTIME_LIB=1 (serving/requirements.txt then needs no apache-tvm line).",
+]
+
+
+def runtime_notes(d: Deployable) -> list[str]:
+    """Dockerfile comment lines on what this build's runtime needs beyond requirements.txt."""
+    entry = d.artifact.path / "tvm_entry.json"
+    if d.backend != "tvm" or not entry.is_file():
+        return []
+    info = json.loads(entry.read_text())
+    if info.get("device") != "rocm":
+        return []
+    version = info.get("runtime", {}).get("version", "0.27.0").split(".post")[0]
+    return [line.replace("{version}", version) for line in ROCM_TVM_RUNTIME]
 
 
 def _place(f: FileEntry, dest: Path) -> None:
@@ -68,7 +93,8 @@ def base_from(base: "BaseImage") -> str:
     return f"{ref.name}@{base.digest}"
 
 
-def dockerfile(base: "BaseImage", labels: dict[str, str], port: int, site_packages: str | None) -> str:
+def dockerfile(base: "BaseImage", labels: dict[str, str], port: int, site_packages: str | None,
+               notes: list[str] | None = None) -> str:
     """The Dockerfile of the image: same files, environment, entry point and labels."""
     serve = f"{SERVING_DIR}/serve.json"
     env = {"MLOPT_SERVING": serve, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": site_packages} if site_packages else {})}
@@ -83,6 +109,7 @@ def dockerfile(base: "BaseImage", labels: dict[str, str], port: int, site_packag
         f"COPY entry.py {ENTRY_PATH}",
         "# The entry point needs python3, numpy and the build's runtime (serving/requirements.txt) in the base image",
         "# or the runtime folder; with network access: RUN python3 -m pip install -r /opt/mlopt/serving/requirements.txt",
+        *(notes or []),
         "ENV " + " ".join(f"{k}={json.dumps(v)}" for k, v in env.items()),
         "LABEL " + " \\\n      ".join(f"{json.dumps(k)}={json.dumps(v)}" for k, v in sorted(labels.items())),
         f"EXPOSE {port}",
