@@ -143,6 +143,19 @@ def gate_overrides(f: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in pairs if v is not None}
 
 
+def _check_gate_flags(given: dict[str, Any]) -> None:
+    """The gate flags obey the recipe's rules (``gates:``): a bad value is exit 2, as in compile."""
+    from pydantic import ValidationError
+
+    from mlopt.recipes.schema import Gates
+
+    try:
+        Gates(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RecipeError(f"--gate flag {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
 def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -319,6 +332,7 @@ def diff_cmd(
 
         a, b = load_manifest_ref(old, "old manifest"), load_manifest_ref(new, "new manifest")
         given = {k: v for k, v in flags.items() if v is not None}
+        _check_gate_flags(given)
         limits = GateLimits.model_validate({**default_limits(b).model_dump(), **given})
         d = diff_manifests(a, b, limits, old, new)
         if as_json:

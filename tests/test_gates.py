@@ -366,3 +366,15 @@ def test_ci_example_runs_real_mlopt_commands(name: str) -> None:
     dry = runner.invoke(app, ["compile", str(ROOT / env["RECIPE"]), "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert Path(yaml.safe_load(dry.stdout)["output"]) / "manifest.json" == ROOT / env["MANIFEST"]
+
+
+def test_bad_gate_flags_on_diff_and_an_empty_matrix_are_exit_2(digits_build: dict) -> None:
+    from typer.testing import CliRunner as _Runner
+
+    from mlopt.cli import app as _app
+
+    manifest = str(digits_build["out"] / "manifest.json")
+    res = _Runner().invoke(_app, ["diff", manifest, manifest, "--gate-throughput", "1"])
+    assert res.exit_code == 2 and "throughput_drop" in res.output
+    res = _Runner().invoke(_app, ["build-matrix", str(digits_build["recipe"]), "--targets", ","])
+    assert res.exit_code == 2 and "names no SKU" in res.output

@@ -173,3 +173,38 @@ def test_catalog_typos_and_unknown_skus_are_clear(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "did you mean 'h100'" in " ".join(res.output.split())
     code, output, _ = compile_for(tmp_path, ["h1000"], ["tvm"])
     assert code == 2 and "unknown SKU 'h1000'" in output
+
+
+def test_fleet_overrides_merge_nested_fields_and_bad_catalog_paths_are_exit_2(tmp_path: Path) -> None:
+    from mlopt.targets.catalog import load_catalog
+
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"overrides": {"h100": {"requirements": {"driver": "590.0"}},
+                                                   "cpu-x86-64-v4": {"requirements": {"driver": None}}}}))
+    cat = load_catalog(fleet)
+    assert cat.get("h100").requirements.driver == "590.0"
+    assert cat.get("h100").requirements.runtimes == {"cuda": "13.0"}  # kept, not replaced
+    assert "avx512f" in cat.get("cpu-x86-64-v4").requirements.cpu_flags
+    res = CliRunner().invoke(app, ["targets", "--catalog", str(tmp_path)])
+    assert res.exit_code == 2 and "cannot be read" in res.output
+
+
+def test_a_matching_gpu_here_makes_its_sku_runnable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlopt.targets import detect
+    from mlopt.targets.catalog import load_catalog
+
+    cat = load_catalog()
+    monkeypatch.setattr(detect, "_gpus_here", lambda: (detect.GPU("nvidia", "NVIDIA H100 80GB HBM3", "sm_90"),))
+    assert detect.host_runs(cat.get("h100")) == (True, "")
+    assert detect.host_runs(cat.get("h200"))[0] is False  # same arch, another product
+    assert detect.host_runs(cat.get("a10g"))[0] is False
+    monkeypatch.setattr(detect, "_gpus_here", lambda: ())
+    assert detect.host_runs(cat.get("h100"))[0] is False
+
+
+def test_truncated_or_stray_magic_bytes_do_not_crash_the_check(tmp_path: Path) -> None:
+    odd = tmp_path / "odd.so"
+    odd.write_bytes(b"\x7fELF" + b"\0" * 40 + FATBIN_MAGIC + b"\x01\x00\x10" + b"\x7fELF\x02")
+    assert inspect_library(odd) == []
+    with pytest.raises(BackendUnavailable):
+        require_device_code(odd, "gfx942")

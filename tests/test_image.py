@@ -88,6 +88,9 @@ def test_every_sku_gets_an_image_with_labels_and_entry_point(images: Path, digit
     art = Store(digits_build["store"]).get(recorded["cpu-x86-64-v4"].artifact)
     assert labels["dev.mlopt.artifact.digest"] == art.meta["content_digest"]
     assert labels["dev.mlopt.sku"] == "cpu-x86-64-v4" and labels["dev.mlopt.model.version"] == "1"
+    assert all(labels[f"dev.mlopt.built-with.{k}"] == v for k, v in art.meta["toolchain"].items() if v != "absent")
+    assert not any(k.startswith("dev.mlopt.requires.runtime.") for k in labels)  # a CPU SKU needs no GPU runtime
+    assert "absent" not in labels.values()
     assert labels["org.opencontainers.image.base.digest"] == recorded["cpu-x86-64-v4"].base_digest
     assert labels["base.label"] == "kept" and manifest["annotations"]["dev.mlopt.backend"] == art.meta["backend"]
     assert config["config"]["Entrypoint"] == ["python3", "/opt/mlopt/entry.py"]

@@ -63,7 +63,7 @@ def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int,
     plan = run.recipe.benchmark
     threads = sku.threads or plan.threads
     key = key_of({"version": version_key, "model": model.digest, "backend": backend.name,
-                  "toolchain": backend.toolchain(), "trials": run.recipe.tuning.trials, "threads": threads,
+                  "toolchain": backend.toolchain_for(sku), "trials": run.recipe.tuning.trials, "threads": threads,
                   # what the code is built for, not the SKU's name: SKUs of one architecture share builds
                   "sku": sku.model_dump(include={"kind", "vendor", "arch", "machine", "tvm_target", "dtypes",
                                                  "onnxruntime_providers", "openvino_device"})})
@@ -98,7 +98,10 @@ def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, thre
     """The stored artifact for ``key``, building and validating it first on a miss."""
     art = run.store.checked(key)
     if art is not None:
-        return art, True, art.meta["validation"], art.meta["build_seconds"]
+        validation = art.meta["validation"]
+        if validation["status"] == "not-run" and avail.run:  # stored by a machine that could not run it
+            validation = _validate(run, model, backend, art.path, art.meta, threads)
+        return art, True, validation, art.meta["build_seconds"]
     plan = run.recipe.benchmark
     req = BuildRequest(model=model, sku=sku, threads=threads, tuning_trials=run.recipe.tuning.trials,
                        tuning_timeout_s=run.recipe.tuning.timeout_s,
@@ -114,7 +117,7 @@ def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, thre
             {"status": "not-run", "reason": avail.reason or why_not}
         art = run.store.put(key, files, {
             **meta, "model": run.recipe.model_name, "model_digest": model.digest, "sku": sku.name,
-            "backend": backend.name, "toolchain": backend.toolchain(), "validation": validation,
+            "backend": backend.name, "toolchain": backend.toolchain_for(sku), "validation": validation,
             "build_seconds": seconds, "signature": [i.model_dump() for i in model.inputs],
             "outputs": list(model.outputs),
         }, version=(run.recipe.model_name, version))

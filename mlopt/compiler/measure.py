@@ -59,6 +59,7 @@ def measure(load: Callable[[], Callable[[Any], Any]], feeds: dict[int, Any], pla
 
 MEMORY_METHOD = ("a fresh process: peak RSS (VmHWM) over loading the build and one run at the largest batch "
                  "size, minus its RSS after importing the runtime library")
+MEMORY_PROBE_TIMEOUT_S = 600
 MEMORY_PROBE = """
 import importlib, json, sys
 from pathlib import Path
@@ -99,8 +100,13 @@ def peak_memory(backend: str, modules: list[str], artifact: Path, meta: dict[str
         np.savez(Path(tmp) / "feed.npz", **feed)
         args = {"backend": backend, "modules": modules, "artifact": str(artifact), "meta": meta,
                 "threads": threads, "feed": str(Path(tmp) / "feed.npz")}
-        res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps(args)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {res.stderr.strip().splitlines()[-1:] or res.returncode}")
+        try:
+            res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps(args)], capture_output=True,
+                                 text=True, timeout=MEMORY_PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return None, f"not measured: the memory probe took over {MEMORY_PROBE_TIMEOUT_S} s"
+    if res.returncode != 0:  # killed (OOM), or /proc not writable: the figure is absent, the build stands
+        last = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
+        return None, f"not measured: the memory probe failed ({last[:200]})"
     got = json.loads(res.stdout.strip().splitlines()[-1])
     return max(0, got["peak"] - got["base"]), MEMORY_METHOD

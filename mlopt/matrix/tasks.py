@@ -118,6 +118,10 @@ class TaskResult:
 def plan(config: MatrixConfig) -> list[Task]:
     """Every (recipe, SKU) task, recipes interleaved so that parallel workers start on different models
     rather than wait for one model's ingest (the tasks of one recipe share it through the store)."""
+    if not config.recipes:
+        raise BadInput("build-matrix needs at least one recipe")
+    if config.targets is not None and config.targets != "all" and not config.targets:
+        raise BadInput("--targets names no SKU; give SKU names (comma-separated) or 'all'")
     per_recipe = [_recipe_tasks(path, config) for path in config.recipes]
     names = [tasks[0].recipe_name for tasks in per_recipe if tasks]
     dup = sorted({n for n in names if names.count(n) > 1})

@@ -102,14 +102,25 @@ def build_images(manifest_path: Path, store: Store | None, options: ImageOptions
     for reason in skipped:
         log(f"[image] skipped {reason}")
     # every tag and base image is resolved before any image is written
-    tags = {d.sku.name: image_tag(options.tag, d) for d in items}
+    tags = {d.slug: image_tag(options.tag, d) for d in items}
+    _unique_tags(tags, options.tag)
     layout = Layout(options.out / "oci", create=True)
     cache: dict[tuple[str, str], BaseImage] = {}
-    bases = {d.sku.name: _base(d, layout, options, cache, log) for d in items}
-    built = [_build_one(d, tags[d.sku.name], layout, bases[d.sku.name], options, log) for d in items]
+    bases = {d.slug: _base(d, layout, options, cache, log) for d in items}
+    built = [_build_one(d, tags[d.slug], layout, bases[d.slug], options, log) for d in items]
     write_record(options.out, built)
     record_in_manifest(manifest_path, built)
     return built
+
+
+def _unique_tags(tags: dict[str, str], template: str) -> None:
+    """Two builds may not share a tag (a build matrix's manifest holds several models per SKU)."""
+    seen: dict[str, str] = {}
+    for slug, tag in tags.items():
+        if tag in seen:
+            raise BadInput(f"--tag {template!r} gives {seen[tag]} and {slug} the same tag {tag!r}",
+                           hint="put {model} in the tag template, e.g. --tag '{model}-v{version}-{sku}'")
+        seen[tag] = slug
 
 
 def record_in_manifest(manifest_path: Path, images: list[BuiltImage]) -> None:
@@ -254,8 +265,11 @@ def image_labels(d: Deployable, base: BaseImage) -> dict[str, str]:
     req = d.sku.requirements
     if req.driver:
         labels[f"{LABEL}.requires.driver"] = req.driver
-    for name, version in sorted({**req.runtimes, **art.get("toolchain", {})}.items()):
+    for name, version in sorted(req.runtimes.items()):  # the SKU's minimums
         labels[f"{LABEL}.requires.runtime.{name}"] = version
+    for name, version in sorted(art.get("toolchain", {}).items()):  # what made the artifact
+        if version != "absent":
+            labels[f"{LABEL}.built-with.{name}"] = version
     return labels
 
 

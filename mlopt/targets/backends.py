@@ -71,6 +71,10 @@ class Backend(ABC):
     def toolchain(self) -> dict[str, str]:
         """Versions that change this backend's output (part of the artifact key)."""
 
+    def toolchain_for(self, sku: SKU) -> dict[str, str]:
+        """Versions that change this backend's output for ``sku`` (a GPU target adds its compilers)."""
+        return self.toolchain()
+
 
 def get_backend(name: str) -> Backend:
     """Instantiate a backend by name (imports its module only now)."""

@@ -90,7 +90,7 @@ class SKU(Strict):
     device: Device = Field(default_factory=Device)
     backends: list[str] = Field(description="Backends to try, in order.")
     tvm_target: dict[str, Any] | None = Field(None, description="TVM target (dict form) for this SKU.")
-    onnxruntime_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"],
+    onnxruntime_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1,
                                              description="ONNX Runtime execution providers to serve with, in order.")
     openvino_device: str | None = Field(None, description="OpenVINO device name (CPU, GPU) for this SKU.")
     threads: int | None = Field(None, gt=0, description="Threads a deployment uses (defaults to the benchmark plan's).")
@@ -152,6 +152,8 @@ def _read(path: Path) -> Any:
         return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise BadInput(f"catalog {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"catalog {path} cannot be read: {e}") from None
     except yaml.YAMLError as e:
         raise BadInput(f"catalog {path} is not valid YAML: {e}") from None
 
@@ -196,8 +198,16 @@ def _load(path: str | None) -> Catalog:
             close = difflib.get_close_matches(name, list(by_name), n=1)
             raise BadInput(f"catalog {path} overrides unknown SKU {name!r}"
                            + (f" (did you mean {close[0]!r}?)" if close else ""))
-        base[by_name[name]] = {**base[by_name[name]], **patch}
+        base[by_name[name]] = _deep_merge(base[by_name[name]], patch)
     return _validate(Path(path), {"catalog_version": 1, "skus": base})
+
+
+def _deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``patch`` over ``base``, merging nested mappings (overriding requirements.driver keeps runtimes)."""
+    out = dict(base)
+    for k, v in patch.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _validate(path: Path, raw: Any) -> Catalog:

@@ -83,7 +83,10 @@ def host() -> dict[str, Any]:
 def host_runs(sku: SKU) -> tuple[bool, str]:
     """Can code built for ``sku`` run on this machine (and so be validated and measured here)?"""
     if sku.needs_gpu:
-        return False, f"{sku.name} is a GPU SKU and this machine has no matching GPU"
+        gpu = next((g for g in _gpus_here() if _is_sku(g, sku)), None)
+        if gpu is None:
+            return False, f"{sku.name} is a GPU SKU and this machine has no matching GPU"
+        return True, ""
     if platform.machine() != sku.machine:
         return False, f"{sku.name} is {sku.machine}; this machine is {platform.machine()}"
     missing = [f for f in sku.requirements.cpu_flags if f not in cpu_flags()]
@@ -449,6 +452,17 @@ def detect_gpus(env: Env | None = None) -> list[GPU]:
             listed = _merge(listed, more) if listed else more
         found += listed
     return found
+
+
+@lru_cache(maxsize=1)
+def _gpus_here() -> tuple["GPU", ...]:
+    return tuple(detect_gpus())
+
+
+def _is_sku(gpu: "GPU", sku: SKU) -> bool:
+    """A detected GPU is this SKU: same vendor, named or PCI-identified as it, same arch where known."""
+    named = sku.matches_device(gpu.name) or (gpu.pci_id or "").lower() in (p.lower() for p in sku.device.pci_ids)
+    return gpu.vendor == sku.vendor and named and (gpu.arch is None or gpu.arch == sku.arch)
 
 
 def gpus() -> list[dict[str, Any]]:

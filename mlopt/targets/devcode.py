@@ -61,10 +61,10 @@ def require_device_code(path: Path, arch: str) -> list[DeviceCode]:
 
 def _fatbin_entries(data: bytes) -> list[DeviceCode]:
     found, at = [], data.find(FATBIN_MAGIC)
-    while at >= 0:
+    while at >= 0 and at + 16 <= len(data):
         _, _, header, size = struct.unpack_from("<IHHQ", data, at)
         pos, end = at + header, at + header + size
-        while pos + 32 <= min(end, len(data)):
+        while pos + 64 <= min(end, len(data)):  # an entry header is 64 bytes; a truncated one is not read
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, pos)
             if entry_header == 0:
                 break
@@ -96,7 +96,7 @@ def _cubin_arch(elf: bytes) -> int:
 def _amdgpu_objects(data: bytes) -> list[DeviceCode]:
     found, at = [], data.find(ELF_MAGIC, 1)
     while at >= 0:
-        if at + 52 <= len(data) and struct.unpack_from("<H", data, at + 18)[0] == EM_AMDGPU:
+        if at + 64 <= len(data) and data[at + 4] == 2 and struct.unpack_from("<H", data, at + 18)[0] == EM_AMDGPU:
             mach = struct.unpack_from("<I", data, at + 48)[0] & 0xFF
             shoff, = struct.unpack_from("<Q", data, at + 40)
             shentsize, shnum = struct.unpack_from("<HH", data, at + 58)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from mlopt.errors import BackendUnavailable
 
@@ -130,7 +130,10 @@ def _load_libcudart(home: Path | None) -> str:
 
 def _stub_path() -> Path:
     """Compile the libcuda.so.1 stand-in once per user (atomically: builds may run in parallel)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlopt" / "cuda-stub"
+    import hashlib
+
+    version = hashlib.sha256(STUB_SOURCE.encode()).hexdigest()[:12]  # a changed stub is built anew
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlopt" / "cuda-stub" / version
     stub = cache / "libcuda.so.1"
     if stub.is_file():
         return stub
@@ -138,9 +141,12 @@ def _stub_path() -> Path:
     src, tmp = cache / f"stub.{os.getpid()}.c", cache / f".libcuda.{os.getpid()}.so"
     src.write_text(STUB_SOURCE)
     cc = shutil.which("cc") or shutil.which("gcc") or "cc"
-    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(src)], check=True)
-    os.replace(tmp, stub)
+    res = subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(src)],
+                         capture_output=True, text=True)
     src.unlink()
+    if res.returncode != 0:
+        raise BackendUnavailable(f"could not compile the libcuda.so.1 stand-in with {cc}: {res.stderr.strip()[:300]}")
+    os.replace(tmp, stub)
     return stub
 
 
@@ -201,13 +207,17 @@ def prepare_rocm() -> dict[str, str]:
     if problem:
         raise BackendUnavailable(f"TVM ROCm builds need {problem}")
     bitcode, (lld, _) = rocm_bitcode_dir(), find_lld()  # type: ignore[misc]
-    os.environ["ROCM_PATH"] = str(bitcode.parent.parent)  # type: ignore[union-attr]
     import tvm_ffi
+    from tvm.support.rocm import callback_rocm_bitcode_path
 
     def link(obj_bin: bytes) -> bytearray:
         return bytearray(_rocm_link(lld, obj_bin))
 
+    def bitcode_files(rocdl_dir: Any = None) -> Any:  # the folder found here, without touching ROCM_PATH
+        return callback_rocm_bitcode_path(f"{bitcode}/")
+
     tvm_ffi.register_global_func("tvm_callback_rocm_link", link, override=True)
+    tvm_ffi.register_global_func("tvm_callback_rocm_bitcode_path", bitcode_files, override=True)
     return {"ld.lld": lld, "bitcode": str(bitcode)}
 
 

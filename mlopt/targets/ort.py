@@ -11,6 +11,7 @@ never dependencies; without the provider and the device the build is portable ON
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +34,8 @@ def _trt(sku: SKU, int8: bool) -> dict[str, Any]:
 
 
 def _cuda(sku: SKU, int8: bool) -> dict[str, Any]:
-    tensor_cores = int(sku.arch.removeprefix("sm_") or 0) >= 70 if sku.arch.startswith("sm_") else False
+    sm = re.match(r"sm_(\d+)", sku.arch)  # sm_90a -> 90
+    tensor_cores = bool(sm) and int(sm.group(1)) >= 70
     return {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True,
             "arena_extend_strategy": "kSameAsRequested", "prefer_nhwc": int(tensor_cores),
             "use_tf32": int("bfloat16" in sku.dtypes)}

@@ -206,6 +206,16 @@ class TVMBackend(Backend):
     def toolchain(self) -> dict[str, str]:
         return {"apache-tvm": package_version("apache-tvm"), "apache-tvm-ffi": package_version("apache-tvm-ffi")}
 
+    def toolchain_for(self, sku: SKU) -> dict[str, str]:
+        kind = (sku.tvm_target or {}).get("kind")
+        extra: dict[str, str] = {}
+        if kind == "cuda":
+            extra = {"nvcc": gpu_toolchain.nvcc_version() or "absent"}
+        elif kind == "rocm":
+            lld, bitcode = gpu_toolchain.find_lld(), gpu_toolchain.rocm_bitcode_dir()
+            extra = {"ld.lld": str(lld[1]) if lld else "absent", "rocm-bitcode": str(bitcode or "absent")}
+        return {**self.toolchain(), **extra}
+
 
 def _gpu_availability(sku: SKU, kind: str, host_runs_sku: bool) -> Availability:
     problem = gpu_toolchain.cuda_missing() if kind == "cuda" else gpu_toolchain.rocm_missing()
