@@ -208,3 +208,22 @@ def test_truncated_or_stray_magic_bytes_do_not_crash_the_check(tmp_path: Path) -
     assert inspect_library(odd) == []
     with pytest.raises(BackendUnavailable):
         require_device_code(odd, "gfx942")
+
+
+def test_precision_labels_follow_the_model(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mlopt.compiler.model import model_precision
+
+    assert model_precision(tiny_onnx(tmp_path / "f32.onnx")) == "float32"
+    w = numpy_helper.from_array(np.ones((4, 3), np.float16), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "h",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["b", 3])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "f16.onnx"))
+    assert model_precision(tmp_path / "f16.onnx") == "float16"
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(tiny_onnx(tmp_path / "src.onnx")), str(tmp_path / "dyn.onnx"))
+    assert model_precision(tmp_path / "dyn.onnx") == "int8"  # MatMulInteger, no QuantizeLinear

@@ -39,12 +39,13 @@ class Model:
 
     @property
     def is_quantized(self) -> bool:
-        """The graph carries int8 quantization (QDQ or integer ops)."""
-        import onnx
+        """The graph carries integer quantization (QDQ, integer ops, or low-bit weights)."""
+        return model_precision(self.onnx_path) not in FLOAT_PRECISIONS
 
-        ops = {n.op_type for n in onnx.load(str(self.onnx_path), load_external_data=False).graph.node}
-        return bool(ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
-                           "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits"})
+    @property
+    def precision(self) -> str:
+        """What the graph computes in: see ``model_precision``."""
+        return model_precision(self.onnx_path)
 
     @property
     def size_bytes(self) -> int:
@@ -78,3 +79,30 @@ def file_digest(path: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+FLOAT_PRECISIONS = ("float32", "float16", "bfloat16")
+INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+            "DynamicQuantizeLinear"}
+ONNX_FLOAT = {1: "float32", 10: "float16", 16: "bfloat16"}
+
+
+def model_precision(path: Path) -> str:
+    """The precision an ONNX graph computes in, from its operators and weights: ``int8`` (QDQ or
+    integer ops), ``int4-weights`` / ``int8-weights`` (MatMulNBits), else the float type most of its
+    float weights have (``float32``, ``float16``, ``bfloat16``). Every backend labels builds with it."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    if ops & INT8_OPS:
+        return "int8"
+    nbits = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"]
+    if nbits:
+        return f"int{max(nbits)}-weights"
+    counts: dict[str, int] = {}
+    for init in graph.initializer:
+        name = ONNX_FLOAT.get(init.data_type)
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    return max(counts, key=counts.get) if counts else "float32"

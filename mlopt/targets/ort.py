@@ -66,12 +66,14 @@ def provider_settings(sku: SKU, int8: bool) -> list[list[Any]]:
     return [[p, PROVIDER_OPTIONS[p](sku, int8)] for p in sku.onnxruntime_providers]
 
 
-def _precision(sku: SKU, int8: bool) -> str:
+def _precision(sku: SKU, model_precision: str) -> str:
+    """The precision a GPU SKU's session runs the model in: the model's, plus fp16 where the first
+    provider computes float layers in fp16 (TensorRT, MIGraphX, OpenVINO GPU with fp16 enabled)."""
     accelerated = [p for p in sku.onnxruntime_providers if p != "CPUExecutionProvider"]
-    if not accelerated:
-        return "int8" if int8 else "float32"
-    fp16 = "float16" in sku.dtypes and accelerated[0] != "CUDAExecutionProvider"
-    return "+".join(p for p, on in (("int8", int8), ("float16", fp16), ("float32", not fp16)) if on)
+    fp16 = bool(accelerated) and "float16" in sku.dtypes and accelerated[0] != "CUDAExecutionProvider"
+    if not fp16 or model_precision == "float16":
+        return model_precision
+    return "int8+float16" if model_precision == "int8" else "float16"
 
 
 class OrtBackend(Backend):
@@ -98,7 +100,6 @@ class OrtBackend(Backend):
                                             f"{EXTRAS.get(main, 'an onnxruntime build with that provider')} on the SKU")
 
     def build(self, req: BuildRequest, out: Path) -> dict[str, Any]:
-        import onnx
         import onnxruntime as ort
 
         gpu = req.sku.kind == "gpu"
@@ -117,7 +118,8 @@ class OrtBackend(Backend):
             ort.InferenceSession(str(req.model.onnx_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise BackendUnavailable(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0][:300]}") from None
-        int8 = any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
+        model_precision = req.model.precision
+        int8 = model_precision == "int8"
         session = {
             "providers": provider_settings(req.sku, int8) if gpu else ["CPUExecutionProvider"],
             "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -128,7 +130,7 @@ class OrtBackend(Backend):
                          "min_version": package_version("onnxruntime")},
         }
         (out / SESSION_FILE).write_text(json.dumps(session, indent=2))
-        precision = _precision(req.sku, int8) if gpu else ("int8" if int8 else "float32")
+        precision = _precision(req.sku, model_precision) if gpu else model_precision
         return {"precision": precision, "entry": "model.onnx", "session": SESSION_FILE, "format": "onnx",
                 "details": {"providers": [p if isinstance(p, str) else p[0] for p in session["providers"]]}}
 

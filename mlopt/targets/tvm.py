@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mlopt.compiler.model import FLOAT_PRECISIONS
 from mlopt.errors import BackendUnavailable, UnsupportedOperator
 from mlopt.targets import gpu_toolchain
 from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
@@ -148,9 +149,11 @@ class TVMBackend(Backend):
         (out / ENTRY_FILE).write_text(json.dumps(entry, indent=2))
         (out / "run_tvm.py").write_text(RUN_SCRIPT)
         # TVM's ONNX frontend lowers QDQ to float quantize/dequantize arithmetic: no int8 kernels
-        if req.model.is_quantized:
-            details["quantization"] = "QDQ simulated in float32 (TVM lowers it without int8 kernels)"
-        return {"precision": "float32", "entry": ENTRY_FILE, "format": "tvm-relax-vm", "details": details}
+        precision = req.model.precision
+        if precision not in FLOAT_PRECISIONS:
+            details["quantization"] = f"{precision} graph simulated in float32 (TVM lowers it without integer kernels)"
+            precision = "float32"
+        return {"precision": precision, "entry": ENTRY_FILE, "format": "tvm-relax-vm", "details": details}
 
     def _compile(self, proto: Any, shapes: dict[str, list[int]] | None, target_dict: dict[str, Any], dest: Path,
                  req: BuildRequest, database: Any = None) -> None:
