@@ -85,7 +85,7 @@ class Store:
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """Exclusive lock for writes to the index and objects (concurrent builds wait)."""
-        return _flock(self.root / "lock")
+        return flock(self.root / "lock")
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
@@ -121,7 +121,7 @@ class Store:
             return dest, json.loads(meta_file.read_text()), True
         (self.root / "locks").mkdir(exist_ok=True)
         # one producer per step: a concurrent build of the same recipe waits here, then reuses the result
-        with _flock(self.root / "locks" / f"{kind}-{key}", hostlock.waiting):
+        with flock(self.root / "locks" / f"{kind}-{key}", hostlock.waiting):
             if meta_file.is_file():
                 return dest, json.loads(meta_file.read_text()), True
             with self.staging() as tmp:
@@ -275,7 +275,7 @@ class Store:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, waiting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+def flock(path: Path, waiting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
            ) -> Iterator[None]:
     """An exclusive flock(2) on ``path``, released when the block ends or the process dies; ``waiting``
     surrounds the wait when another process holds it."""

@@ -8,6 +8,16 @@ import sys
 from typing import Iterator
 
 
+def package_version(name: str) -> str:
+    """The installed version of distribution ``name``, or "absent"."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
+
+
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """Send everything written to stdout (Python objects and file descriptor 1) to stderr.

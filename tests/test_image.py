@@ -321,9 +321,9 @@ def test_export_k8s_uses_the_pushed_digest(images: Path, manifest: Path, reg: st
     assert res.exit_code == 0 and (tmp_path / "cpu-aarch64-neoverse-v1" / "inferenceservice.yaml").is_file()
 
 
-def test_external_builder_that_is_missing(manifest: Path, base: Path, tmp_path: Path) -> None:
-    if shutil.which("buildah"):
-        pytest.skip("buildah is installed here")
+def test_external_builder_that_is_missing(manifest: Path, base: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))  # buildah is absent even where it is installed
     res = build(manifest, tmp_path, f"oci:{base}:base", "--builder", "buildah")
     assert res.exit_code == 4 and "image builder 'buildah' is not installed" in res.output
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -45,17 +46,19 @@ def cpu(digits_build: dict) -> Deployable:
 @pytest.fixture(scope="module")
 def gpu_manifest(digits_build: dict) -> Path:
     """The digits model for an H100: a TensorRT build plan (built on the device) plus ONNX Runtime;
-    ingest and passes come from the shared store's cache, so this takes about a second."""
+    ingest and passes come from a copy of the shared store (its cache), so this takes about a second
+    and the shared store keeps only the session build's artifacts."""
     out = digits_build["tmp"] / "out-gpu"
+    shutil.copytree(digits_build["store"], out / "store")
     res = runner.invoke(app, ["compile", str(digits_build["recipe"]), "--target", "h100",
-                              "--backend", "tensorrt,onnxruntime", "--out", str(out)])
+                              "--backend", "tensorrt,onnxruntime", "--out", str(out), "--store", str(out / "store")])
     assert res.exit_code == 0, res.output
     return out / "manifest.json"
 
 
 @pytest.fixture(scope="module")
 def gpu(gpu_manifest: Path, digits_build: dict) -> Deployable:
-    items, _ = deployables(read_manifest(gpu_manifest), Store(digits_build["store"]), load_catalog())
+    items, _ = deployables(read_manifest(gpu_manifest), Store(gpu_manifest.parent / "store"), load_catalog())
     return items[0]
 
 

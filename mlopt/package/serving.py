@@ -18,12 +18,12 @@ from mlopt.errors import BadInput, StoreError
 from mlopt.manifest import Entry, Manifest, Measurement, ModelInfo
 from mlopt.store import Artifact, Store
 from mlopt.targets.catalog import SKU, Catalog
+from mlopt.targets.ort import ENGINE_CACHE  # the volume the session settings and engine plans cache on
 
 IMAGE_ROOT = "/opt/mlopt"
 MODEL_DIR = f"{IMAGE_ROOT}/model"
 SERVING_DIR = f"{IMAGE_ROOT}/serving"
 ENTRY_PATH = f"{IMAGE_ROOT}/entry.py"
-ENGINE_CACHE = "/var/cache/mlopt"
 JIT_BACKENDS = ("tensorrt", "migraphx")  # engines built on the device when the container starts
 MIN_GAIN = 1.10  # a larger batch is preferred only for at least 10% more throughput
 RUNTIME_OVERHEAD = 256 << 20  # Python, numpy and the runtime library beside the model (bytes)

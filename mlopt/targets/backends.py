@@ -13,6 +13,7 @@ import numpy as np
 from mlopt.compiler.model import Model
 from mlopt.errors import UnknownName
 from mlopt.targets.catalog import SKU
+from mlopt.util import package_version  # noqa: F401  (re-exported for the backends)
 
 BACKENDS: dict[str, str] = {
     "onnxruntime": "mlopt.targets.ort:OrtBackend",
@@ -84,10 +85,3 @@ def get_backend(name: str) -> Backend:
     return getattr(importlib.import_module(module), cls)()
 
 
-def package_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "absent"

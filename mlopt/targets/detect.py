@@ -8,7 +8,6 @@ GPU and runtime detection is a set of small probes, each reading the machine thr
 from __future__ import annotations
 
 import glob
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.targets.catalog import SKU
+from mlopt.util import package_version
 
 # x86-64 micro-architecture levels (psABI), by the /proc/cpuinfo flags each adds.
 X86_LEVELS = {
@@ -93,14 +93,6 @@ def host_runs(sku: SKU) -> tuple[bool, str]:
     if missing:
         return False, f"this CPU lacks {', '.join(missing)} that {sku.name} code uses"
     return True, ""
-
-
-def package_version(name: str) -> str:
-    """The installed version of distribution ``name``, or "absent"."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
 
 
 def toolchains() -> dict[str, str]:

@@ -12,14 +12,13 @@ again, so a second build with the same workloads spends no trials.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mlopt.errors import BackendUnavailable
-from mlopt.store import key_of
+from mlopt.store import flock, key_of
 from mlopt.targets.backends import BuildRequest
 from mlopt.targets.tvm import import_onnx
 from mlopt.util import stdout_to_stderr
@@ -35,12 +34,8 @@ def _builder_init() -> None:
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with flock(folder / "lock"):
+        yield
 
 
 def tune_static(proto: Any, req: BuildRequest, target_dict: dict[str, Any], out: Path,
