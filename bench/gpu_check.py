@@ -116,6 +116,13 @@ def run(bundle: Path, out: Path, runs: int) -> int:
         return 4
     ref = dict(np.load(bundle / "reference.npz"))
     build = bundle / info["builds"][arch]["folder"]
+    sys.path.insert(0, str(build))
+    import mlopt_isa  # shipped in the build: never load host code this CPU cannot run
+
+    refused = mlopt_isa.refusal(json.loads((build / "tvm_entry.json").read_text()).get("requires"), f"build {build.name}")
+    if refused:
+        print(refused, file=sys.stderr)
+        return mlopt_isa.EXIT_CODE
     tvm_run = _tvm_runner(build)
     rows, worst = [], 0.0
     for b in info["batches"]:

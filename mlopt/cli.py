@@ -186,7 +186,7 @@ def _name_from(path: Path) -> str:
 def compile_cmd(
     source: str = typer.Argument(..., help="A recipe (.yaml), an ONNX file, a .pt2 file, or module.py:factory."),
     inputs: list[str] = typer.Option([], "--input", "-i", help="Input signature name:1x3x224x224[:dtype] (repeat)."),
-    targets: list[str] = typer.Option([], "--target", "-t", help="SKU names (repeat or comma-separated)."),
+    targets: list[str] = typer.Option([], "--target", "-t", help="SKU names (repeat or comma-separated); 'host' is the best CPU SKU this machine runs."),
     backends: list[str] = typer.Option([], "--backend", "-b", help="Restrict to these backends."),
     passes: list[str] = typer.Option([], "--pass", "-p", help="Pass kinds to run, in order (replaces the recipe's)."),
     model_name: Optional[str] = typer.Option(None, "--name", help="Model name in the store."),
@@ -284,10 +284,14 @@ def _summary(m: Any) -> None:
             cost = f"{e.cost.usd_per_million:.4f}" if chosen and e.cost else "-"
             built = f"{c.compiled or '-'}{' (cached)' if c.cached else ''}" if c.status == "built" else "-"
             status = c.status + (" *" if chosen else "")
-            t.add_row(e.sku, c.backend, status, built, c.validation.status if c.validation else "-", lat, thr, acc,
+            t.add_row(e.sku + (" (host)" if e.requested_as == "host" else ""), c.backend, status, built, c.validation.status if c.validation else "-", lat, thr, acc,
                       cost, c.artifact.key[:12] if c.artifact else (c.reason[:40] or "-"))
     out.print(t)
     out.print("* the SKU's chosen build", style="dim")
+    host = next((e.sku for e in m.entries if e.requested_as == "host"), None)
+    if host:
+        out.print(f"target 'host' is {host} on this machine ({m.host.cpu}); builds for SKUs it cannot run are "
+                  "cross-compiled and carry no figures", highlight=False)
 
 
 def _gates_summary(m: Any) -> None:
@@ -434,19 +438,17 @@ def targets_cmd(ctx: typer.Context, catalog: Optional[Path] = CatalogOpt,
     def go() -> None:
         from mlopt.targets.catalog import load_catalog
 
+        from mlopt.targets.show import catalog_table, here_rows
+
         cat = load_catalog(catalog)
+        here = here_rows(cat)
         if as_json:
-            typer.echo(json.dumps(cat.model_dump(mode="json"), indent=2))
+            typer.echo(json.dumps({**cat.model_dump(mode="json"), "here": here}, indent=2))
             return
-        t = Table(title="SKU catalog")
-        for col in ("name", "kind", "vendor", "arch", "memory GB", "fp16 TFLOPS", "$/hour", "backends"):
-            t.add_column(col)
-        for s in cat.skus:
-            fp16 = s.peak.fp16_tflops if s.peak else None
-            t.add_row(s.name, s.kind, s.vendor, s.arch, f"{s.memory_gb:g}" if s.memory_gb else "-",
-                      f"{fp16:g}" if fp16 else "-", f"{s.price.usd_per_hour:g}" if s.price else "-",
-                      ", ".join(s.backends))
-        out.print(t)
+        out.print(catalog_table(cat, here))
+        host = next((n for n, r in here.items() if r["host"]), None)
+        out.print(f"target 'host' is {host} on this machine" if host else
+                  "no catalog CPU SKU runs on this machine: add one with --catalog FILE")
     guarded(go)
 
 
@@ -456,9 +458,10 @@ def targets_show(name: str = typer.Argument(..., help="SKU name or alias, e.g. h
     """Everything the catalog says about one SKU, and what this machine can build for it."""
     def go() -> None:
         from mlopt.targets.catalog import load_catalog
+        from mlopt.targets.detect import get_target
         from mlopt.targets.show import availability_rows, sku_rows
 
-        sku = load_catalog(catalog).get(name)
+        sku = get_target(load_catalog(catalog), name)
         rows = availability_rows(sku)
         if as_json:
             typer.echo(json.dumps({**sku.model_dump(mode="json"), "here": rows}, indent=2))

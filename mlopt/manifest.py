@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mlopt.errors import BadInput
 from mlopt.recipes.schema import InputSpec
 
-MANIFEST_SCHEMA_VERSION = "1.2"
+MANIFEST_SCHEMA_VERSION = "1.3"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "manifest.schema.json"
 
 
@@ -36,6 +36,8 @@ class Host(Strict):
     features: list[str] = Field(description="Notable CPU features (AVX-512, VNNI, AMX, SVE ...).")
     os: str
     python: str
+    cpu_flags_override: str | None = Field(None, description="MLOPT_CPU_FLAGS, when it narrowed the CPU flags mlopt "
+                                                             "relied on (schema 1.3).")
 
 
 class Provenance(Strict):
@@ -143,6 +145,9 @@ class Entry(Strict):
     cost: Cost | None = Field(description="Absent unless the SKU has a price and its throughput was measured.")
     candidates: list[Candidate]
     image: ImageRef | None = Field(None, description="The OCI image of the chosen build, once one is built.")
+    requested_as: Literal["host"] | None = Field(None, description="'host' when the recipe's target 'host' resolved "
+                                                                   "to this SKU on the machine that ran mlopt "
+                                                                   "(schema 1.3).")
 
 
 class PassReport(Strict):
@@ -272,7 +277,7 @@ class MatrixReport(Strict):
 
 
 class Manifest(Strict):
-    schema_version: Literal["1.0", "1.1", "1.2"] = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = MANIFEST_SCHEMA_VERSION
     mlopt_version: str
     created: str
     recipe: RecipeRef

@@ -66,7 +66,7 @@ class Store:
     """A local artifact store folder."""
 
     def __init__(self, root: str | Path | None = None):
-        self.root = Path(root).expanduser() if root else default_store_path()
+        self.root = Path(root).expanduser().absolute() if root else default_store_path()
         self._check_writable()
 
     # ------------------------------------------------------------ basics

@@ -5,7 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
+import threading
+from pathlib import Path
 from typing import Iterator
+
+_CWD_LOCK = threading.RLock()  # the working directory is the process's: one scratch folder at a time
 
 
 def package_version(name: str) -> str:
@@ -35,3 +40,20 @@ def stdout_to_stderr() -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+@contextlib.contextmanager
+def scratch_cwd() -> Iterator[Path]:
+    """Run library calls inside a private, temporary working directory, removed afterwards.
+
+    Some write scratch files into the current directory: ONNX Runtime's symbolic shape inference
+    saves ``sym_shape_infer_temp.onnx`` and a uuid-named ``.data`` file there when it gives up. A
+    user's working directory (or a checkout) must never collect them. Give such calls absolute paths.
+    """
+    with _CWD_LOCK, tempfile.TemporaryDirectory(prefix="mlopt-scratch-") as tmp:
+        before = os.getcwd()
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(before)

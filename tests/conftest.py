@@ -13,6 +13,22 @@ EXAMPLES = ROOT / "examples"
 FAST_BENCH = {"batch_sizes": [1, 4], "warmup": 1, "runs": 5, "max_seconds": 2.0, "threads": 1}
 
 
+def host_sku_name() -> str:
+    """The SKU the target 'host' is on this machine (MLOPT_CPU_FLAGS included): tests never assume one."""
+    from mlopt.targets.catalog import load_catalog
+    from mlopt.targets.detect import host_sku
+
+    return host_sku(load_catalog()).name
+
+
+HOST = host_sku_name()
+X86_V4 = "cpu-x86-64-v4"
+ARM = "cpu-aarch64-neoverse-v1"
+# A SKU of this machine's kind that this machine does not run under MLOPT_CPU_FLAGS=x86-64-v2
+# (the documented override): the refusal path is tested on every x86-64 machine.
+BELOW_V3 = "x86-64-v2"
+
+
 @pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
     return tmp_path / "store"

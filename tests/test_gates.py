@@ -17,7 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import EXAMPLES, ROOT, tiny_onnx
+from conftest import ARM, EXAMPLES, HOST, ROOT, tiny_onnx
 from mlopt.cli import app
 from mlopt.gates import compare, judge_latency
 from mlopt.manifest import BatchFigures, GateLimits, Manifest
@@ -25,7 +25,7 @@ from mlopt.manifest import BatchFigures, GateLimits, Manifest
 runner = CliRunner()
 LIMITS = GateLimits(latency_regression=0.10, throughput_drop=None, accuracy_drop=0.01, size_growth=0.10, noise_k=1.0,
                     strict=False)
-X86, ARM = "cpu-x86-64-v4", "cpu-aarch64-neoverse-v1"
+X86 = HOST  # the entry measured here
 
 
 def _real(build: dict) -> dict:
@@ -143,6 +143,7 @@ def test_accuracy_size_and_throughput_gates(digits_build: dict) -> None:
 
 def test_missing_figures_added_removed_and_nonreproducible(digits_build: dict) -> None:
     data = _real(digits_build)
+    data["entries"] = [e for e in data["entries"] if e["sku"] in (X86, ARM)]  # the host's and a cross one
     old = copy.deepcopy(data)
     old["entries"][0]["measurement"] = None
     old["entries"] = old["entries"][:1]
@@ -185,9 +186,9 @@ def test_compile_regression_fails_with_exit_6_and_writes_the_manifest(digits_bui
     assert res.exit_code == 6, res.output
     assert "gates against" in res.stdout and "FAIL" in res.stdout
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert m["schema_version"] == "1.2" and m["status"] == "failed"
+    assert m["schema_version"] == "1.3" and m["status"] == "failed"
     assert m["gates"]["verdict"] == "fail" and m["gates"]["baseline"] == str(fast)
-    assert any(e.startswith("gate cpu-x86-64-v4: latency p50 b1") for e in m["errors"])
+    assert any(e.startswith(f"gate {X86}: latency p50 b1") for e in m["errors"])
 
 
 def test_compile_unchanged_passes_and_recipe_gates_apply(digits_build: dict, tmp_path: Path) -> None:

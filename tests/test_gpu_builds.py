@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_onnx
+from conftest import HOST, tiny_onnx
 from mlopt.cli import app
 from mlopt.errors import BackendUnavailable
 from mlopt.targets import gpu_toolchain
@@ -110,7 +110,7 @@ def test_rocm_builds_hold_amdgpu_code_objects_for_each_gfx_target(tmp_path: Path
 
 
 def test_onnxruntime_gpu_builds_carry_each_skus_execution_providers(tmp_path: Path) -> None:
-    code, output, m = compile_for(tmp_path, ["h100", "t4", "mi300x", "max-1550", "cpu-x86-64-v4"], ["onnxruntime"])
+    code, output, m = compile_for(tmp_path, ["h100", "t4", "mi300x", "max-1550", HOST], ["onnxruntime"])
     assert code == 0, output
     providers = {}
     for sku in ("h100", "t4", "mi300x", "max-1550"):
@@ -124,14 +124,14 @@ def test_onnxruntime_gpu_builds_carry_each_skus_execution_providers(tmp_path: Pa
     assert dict(providers["t4"])["CUDAExecutionProvider"]["use_tf32"] == 0  # Turing has no TF32
     assert dict(providers["mi300x"])["MIGraphXExecutionProvider"]["migraphx_fp16_enable"] is True
     assert dict(providers["max-1550"])["OpenVINOExecutionProvider"]["device_type"] == "GPU"
-    cpu = candidate(m, "cpu-x86-64-v4", "onnxruntime")
+    cpu = candidate(m, HOST, "onnxruntime")
     assert cpu["compiled"] == "here" and cpu["measurement"]["batches"][0]["p50_ms"] > 0
 
 
 def test_device_code_check_refuses_host_code_ptx_and_source(tmp_path: Path) -> None:
-    code, output, m = compile_for(tmp_path, ["cpu-x86-64-v4"], ["tvm"])
+    code, output, m = compile_for(tmp_path, [HOST], ["tvm"])
     assert code == 0, output
-    host_only = Path(candidate(m, "cpu-x86-64-v4", "tvm")["artifact"]["path"]) / "model.so"
+    host_only = Path(candidate(m, HOST, "tvm")["artifact"]["path"]) / "model.so"
     with pytest.raises(BackendUnavailable, match="no cubin for sm_90.*host code only"):
         require_device_code(host_only, "sm_90")
     ptx = tmp_path / "ptx.so"

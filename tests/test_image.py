@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import ARM, HOST, X86_V4
 from oci_helpers import (
     free_port,
     htpasswd_line,
@@ -31,7 +32,8 @@ from mlopt.recipes import load_recipe
 from mlopt.store import Store
 
 runner = CliRunner()
-X86 = "v1-cpu-x86-64-v4"
+X86 = f"v1-{HOST}"
+ALL_SKUS = set(dict.fromkeys([HOST, X86_V4, ARM]))  # the digits recipe: [host, cpu-x86-64-v4, aarch64]
 
 
 @pytest.fixture(autouse=True)
@@ -77,21 +79,21 @@ def images(manifest: Path, base: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def test_every_sku_gets_an_image_with_labels_and_entry_point(images: Path, digits_build: dict) -> None:
     recorded = {i.sku: i for i in read_record(images)}
-    assert set(recorded) == {"cpu-x86-64-v4", "cpu-aarch64-neoverse-v1"}
+    assert set(recorded) == ALL_SKUS
     layout = Layout(images / "oci")
-    assert set(layout.tags()) == {X86, "v1-cpu-aarch64-neoverse-v1"}
+    assert set(layout.tags()) == {f"v1-{s}" for s in ALL_SKUS}
     manifest = layout.read_json(layout.resolve(X86).digest)
     config = layout.read_json(manifest["config"]["digest"])
     assert config["architecture"] == "amd64"
     assert layout.read_json(layout.resolve("v1-cpu-aarch64-neoverse-v1").digest)["layers"][0] != manifest["layers"][0]
     labels = config["config"]["Labels"]
-    art = Store(digits_build["store"]).get(recorded["cpu-x86-64-v4"].artifact)
+    art = Store(digits_build["store"]).get(recorded[HOST].artifact)
     assert labels["dev.mlopt.artifact.digest"] == art.meta["content_digest"]
-    assert labels["dev.mlopt.sku"] == "cpu-x86-64-v4" and labels["dev.mlopt.model.version"] == "1"
+    assert labels["dev.mlopt.sku"] == HOST and labels["dev.mlopt.model.version"] == "1"
     assert all(labels[f"dev.mlopt.built-with.{k}"] == v for k, v in art.meta["toolchain"].items() if v != "absent")
     assert not any(k.startswith("dev.mlopt.requires.runtime.") for k in labels)  # a CPU SKU needs no GPU runtime
     assert "absent" not in labels.values()
-    assert labels["org.opencontainers.image.base.digest"] == recorded["cpu-x86-64-v4"].base_digest
+    assert labels["org.opencontainers.image.base.digest"] == recorded[HOST].base_digest
     assert labels["base.label"] == "kept" and manifest["annotations"]["dev.mlopt.backend"] == art.meta["backend"]
     assert config["config"]["Entrypoint"] == ["python3", "/opt/mlopt/entry.py"]
     assert "BASE=1" in config["config"]["Env"] and len(config["rootfs"]["diff_ids"]) == 3
@@ -109,7 +111,7 @@ def test_same_inputs_give_the_same_digest(manifest: Path, base: Path, images: Pa
 
 
 def test_uncompressed_layers(tools: None, manifest: Path, base: Path, tmp_path: Path) -> None:
-    res = build(manifest, tmp_path, f"oci:{base}:base", "--no-compress", "--sku", "cpu-x86-64-v4")
+    res = build(manifest, tmp_path, f"oci:{base}:base", "--no-compress", "--sku", HOST)
     assert res.exit_code == 0, res.output
     layout = Layout(tmp_path / "oci")
     assert layout.verify() == []
@@ -125,7 +127,7 @@ def test_uncompressed_layers(tools: None, manifest: Path, base: Path, tmp_path: 
 def test_push_inspect_and_unpack(images: Path, manifest: Path, reg: str, digits_build: dict, tmp_path: Path) -> None:
     res = runner.invoke(app, ["image", "push", str(manifest), "--out", str(images), "--registry", f"{reg}/mlopt/digits"])
     assert res.exit_code == 0, res.output
-    built = {i.sku: i for i in read_record(images)}["cpu-x86-64-v4"]
+    built = {i.sku: i for i in read_record(images)}[HOST]
     assert built.pushed == [f"{reg}/mlopt/digits:{X86}@{built.digest}"]
     info = skopeo_inspect(f"{reg}/mlopt/digits:{X86}")
     assert info.returncode == 0, info.stderr
@@ -163,7 +165,7 @@ def test_chunked_upload_and_skopeo_pusher_give_the_same_digest(images: Path, reg
 
 def test_base_image_from_the_registry(manifest: Path, base: Path, reg: str, tmp_path: Path) -> None:
     skopeo_copy(f"oci:{base}:base", f"docker://{reg}/base/synthetic:1")  # the amd64 image of the index
-    res = build(manifest, tmp_path, f"{reg}/base/synthetic:1", "--sku", "cpu-x86-64-v4")
+    res = build(manifest, tmp_path, f"{reg}/base/synthetic:1", "--sku", HOST)
     assert res.exit_code == 0, res.output
     [img] = read_record(tmp_path)
     assert img.base == f"{reg}/base/synthetic:1"
@@ -184,7 +186,7 @@ def test_corrupt_layer_blob_is_refused(images: Path, manifest: Path, reg: str, t
     res = runner.invoke(app, ["image", "verify", str(manifest), "--out", str(copy)])
     assert res.exit_code == 2 and "damaged" in res.output
     res = runner.invoke(app, ["image", "push", str(manifest), "--out", str(copy), "--registry", f"{reg}/mlopt/corrupt",
-                              "--sku", "cpu-x86-64-v4"])
+                              "--sku", HOST])
     assert res.exit_code == 2 and "damaged" in res.output and "nothing was tagged" in res.output
     assert skopeo_inspect(f"{reg}/mlopt/corrupt:{X86}").returncode != 0  # no tag left behind
 
@@ -221,7 +223,7 @@ def test_credentials_from_docker_config(tools: None, images: Path, manifest: Pat
     with registry(tmp_path, htpasswd=line) as host:
         monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
         args = ["image", "push", str(manifest), "--out", str(images), "--registry", f"{host}/mlopt/private",
-                "--sku", "cpu-x86-64-v4"]
+                "--sku", HOST]
         res = runner.invoke(app, args)
         assert res.exit_code == 5 and f"registry {host} requires credentials" in res.output
         _docker_config(tmp_path / "docker", host, "ci", "wrong")
@@ -242,7 +244,7 @@ def test_bearer_token_auth(tools: None, manifest: Path, base: Path, tmp_path: Pa
         monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
         _docker_config(tmp_path / "docker", host, "ci", "s3cret")
         skopeo_copy(f"oci:{base}:base", f"docker://{host}/base/synthetic:1", dest_creds="ci:s3cret")
-        res = build(manifest, tmp_path / "img", f"{host}/base/synthetic:1", "--sku", "cpu-x86-64-v4")
+        res = build(manifest, tmp_path / "img", f"{host}/base/synthetic:1", "--sku", HOST)
         assert res.exit_code == 0, res.output  # the base pulled with a pull-scope token
         res = runner.invoke(app, ["image", "push", str(manifest), "--out", str(tmp_path / "img"),
                                   "--registry", f"{host}/mlopt/tokened"])
@@ -301,7 +303,7 @@ def test_publish_builds_and_pushes_from_the_recipe(digits_build: dict, manifest:
                                                             "registry": f"{reg}/mlopt/published"},
                                                   "serving": {"latency_sla_ms": 5}})
     images = publish(manifest, recipe, log=lambda m: None)
-    assert {i.sku for i in images} == {"cpu-x86-64-v4", "cpu-aarch64-neoverse-v1"}
+    assert {i.sku for i in images} == ALL_SKUS
     for i in images:
         assert json.loads(skopeo_inspect(f"{reg}/mlopt/published:{i.tag}").stdout)["Digest"] == i.digest
     assert [i.tag for i in read_record(tmp_path / "image")] == [i.tag for i in images]
@@ -314,8 +316,8 @@ def test_export_k8s_uses_the_pushed_digest(images: Path, manifest: Path, reg: st
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["export", "k8s", str(manifest), "--out", str(tmp_path), "--images", str(images)])
     assert res.exit_code == 0, res.output
-    dep = yaml.safe_load((tmp_path / "cpu-x86-64-v4" / "deployment.yaml").read_text())
-    built = {i.sku: i for i in read_record(images)}["cpu-x86-64-v4"]
+    dep = yaml.safe_load((tmp_path / HOST / "deployment.yaml").read_text())
+    built = {i.sku: i for i in read_record(images)}[HOST]
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == f"{reg}/mlopt/digits@{built.digest}"
     res = runner.invoke(app, ["export", "kserve", str(manifest), "--out", str(tmp_path), "--images", str(images)])
     assert res.exit_code == 0 and (tmp_path / "cpu-aarch64-neoverse-v1" / "inferenceservice.yaml").is_file()

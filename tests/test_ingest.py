@@ -16,7 +16,7 @@ from mlopt.errors import ModelLoadError, ValidationMismatch
 from mlopt.recipes.schema import InputSpec, ModelSource
 
 runner = CliRunner()
-FAST = ["--runs", "3", "--warmup", "0", "--batch-sizes", "1,2", "--target", "cpu-x86-64-v4", "--json"]
+FAST = ["--runs", "3", "--warmup", "0", "--batch-sizes", "1,2", "--target", "host", "--json"]
 
 
 def test_onnx_with_external_data(tmp_path: Path) -> None:

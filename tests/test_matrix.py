@@ -17,14 +17,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import EXAMPLES, FAST_BENCH, digits_recipe, tiny_onnx, write_recipe
+from conftest import ARM, EXAMPLES, FAST_BENCH, HOST, digits_recipe, tiny_onnx, write_recipe
 from mlopt.cli import app
 from mlopt.manifest import SCHEMA_FILE
 from mlopt.matrix import MatrixConfig, run_matrix
 from mlopt.store import Store
 from mlopt.targets.gpu_toolchain import cuda_missing
 
-SKUS = ["cpu-x86-64-v4", "cpu-aarch64-neoverse-v1", "h100"]
+SKUS = [HOST, ARM, "h100"]
 FAILING = "tiny/cpu-aarch64-neoverse-v1"
 H100_BUILDS = cuda_missing() is None  # without nvcc the H100 tasks fail (exit 4) under both executors
 CRASH_ONCE = '''
@@ -109,8 +109,8 @@ def test_every_task_runs_and_a_failure_does_not_stop_the_others(local_run: dict)
     import jsonschema
 
     jsonschema.validate(data, json.loads(SCHEMA_FILE.read_text()))
-    assert got["digits/cpu-x86-64-v4"]["p50_ms"].keys() == {"1", "4"}  # measured here
-    assert got["digits/cpu-aarch64-neoverse-v1"]["p50_ms"] == {}  # cross-compiled: no figures
+    assert got[f"digits/{HOST}"]["p50_ms"].keys() == {"1", "4"}  # measured here
+    assert got[f"digits/{ARM}"]["p50_ms"] == {}  # cross-compiled: no figures
     assert (Path(local_run["config"].out) / "tasks" / "tiny--cpu-aarch64-neoverse-v1" / "log.txt").is_file()
 
 
@@ -145,7 +145,7 @@ def test_ledger_ignores_a_record_whose_artifacts_are_gone(local_run: dict, tmp_p
     from mlopt.matrix import ledger, plan
 
     store = Store(shutil.copytree(local_run["tmp"] / "store", tmp_path / "store"))
-    task = next(t for t in plan(local_run["config"]) if t.id == "digits/cpu-x86-64-v4")
+    task = next(t for t in plan(local_run["config"]) if t.id == f"digits/{HOST}")
     key = ledger.task_key(task, "local")
     assert ledger.lookup(store, task, key) is not None
     hit = ledger.lookup(store, task, key)
@@ -265,7 +265,7 @@ def test_shipped_artifacts_are_filed_in_the_driver_store(ray_run: dict) -> None:
 
 
 def test_ray_retries_a_killed_worker(ray_cluster: dict, tmp_path: Path) -> None:
-    config = MatrixConfig(recipes=[str(_crashing(tmp_path / "r"))], targets=["cpu-x86-64-v4"], executor="ray",
+    config = MatrixConfig(recipes=[str(_crashing(tmp_path / "r"))], targets=[HOST], executor="ray",
                           store=str(tmp_path / "store"), out=str(tmp_path / "out"))
     res = run_matrix(config)
     assert (tmp_path / "r" / "crashed-once").is_file()
@@ -320,7 +320,7 @@ def test_gpu_tasks_ask_for_their_accelerator(recipes: list[str], placement: str,
     from mlopt.matrix import plan
     from mlopt.matrix.ray_executor import placement as ray_placement
 
-    config = MatrixConfig(recipes=recipes[1:], targets=["h100", "cpu-x86-64-v4"], placement=placement)
+    config = MatrixConfig(recipes=recipes[1:], targets=["h100", HOST], placement=placement)
     gpu, cpu = plan(config)
     assert ray_placement(gpu, config, cluster) == expected
     assert ray_placement(cpu, config, cluster) == {}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_onnx
+from conftest import HOST, tiny_onnx
 from typer.testing import CliRunner
 
 from mlopt.cli import app
@@ -22,7 +22,7 @@ pytest.importorskip("openvino")
 runner = CliRunner()
 
 
-def _build(tmp: Path, onnx_path: Path, sku: str = "cpu-x86-64-v4") -> tuple[dict, Path]:
+def _build(tmp: Path, onnx_path: Path, sku: str = HOST) -> tuple[dict, Path]:
     model = read_onnx(onnx_path, [], "tiny")
     req = BuildRequest(model=model, sku=load_catalog().get(sku), threads=2, tuning_trials=0, tuning_timeout_s=1,
                        tuning_dir=tmp / "tuning", batch_axis="batch", dims={})
@@ -179,10 +179,10 @@ def test_mlopt_import_does_not_import_openvino() -> None:
 
 
 def test_compile_measures_openvino_beside_onnxruntime(tmp_path: Path) -> None:
-    """`mlopt compile` on an x86-64-v4 SKU: the openvino candidate is built, validated and measured."""
-    assert "openvino" in load_catalog().get("cpu-x86-64-v4").backends
+    """`mlopt compile` on the host SKU: the openvino candidate is built, validated and measured."""
+    assert "openvino" in load_catalog().get(HOST).backends
     model = tiny_onnx(tmp_path / "m.onnx")
-    res = runner.invoke(app, ["compile", str(model), "--target", "cpu-x86-64-v4", "--backend", "onnxruntime",
+    res = runner.invoke(app, ["compile", str(model), "--target", "host", "--backend", "onnxruntime",
                               "--backend", "openvino", "--batch-sizes", "1,4", "--runs", "5", "--warmup", "1",
                               "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--json"])
     assert res.exit_code == 0, res.output

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import EXAMPLES, FAST_BENCH, write_recipe
+from conftest import EXAMPLES, FAST_BENCH, HOST, write_recipe
 from mlopt.cli import app
 from mlopt.compiler import ingest
 from mlopt.compiler.data import Batches
@@ -302,7 +302,7 @@ def _harsh(tmp: Path, policy: str) -> Path:
                     "evaluation": {"source": str(base / "data.py:evaluation"), "metric": "accuracy"}}
     # a deliberately harsh pass: unstructured pruning of 97% of the weights, no fine-tuning
     data["passes"] = [{"kind": "prune", "method": "unstructured", "ratio": 0.97, "finetune_steps": 0}]
-    data.update(targets=["cpu-x86-64-v4"], backends=["onnxruntime"], benchmark=FAST_BENCH,
+    data.update(targets=[HOST], backends=["onnxruntime"], benchmark=FAST_BENCH,
                 output=str(tmp / "out"), store=str(tmp / "store"), accuracy={"max_drop": 0.01, "on_violation": policy})
     return write_recipe(tmp / "harsh.yaml", data)
 

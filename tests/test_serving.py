@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import ARM, HOST
 from mlopt.cli import app
 from mlopt.errors import BadInput
 from mlopt.manifest import BatchFigures, Measurement, read_manifest
@@ -40,7 +41,7 @@ def cpu(digits_build: dict) -> Deployable:
     assert digits_build["result"].exit_code == 0, digits_build["result"].output
     items, _ = deployables(read_manifest(digits_build["out"] / "manifest.json"), Store(digits_build["store"]),
                            load_catalog())
-    return next(d for d in items if d.sku.name == "cpu-x86-64-v4")
+    return next(d for d in items if d.sku.name == HOST)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,7 @@ def test_export_triton_cli_writes_a_repository_per_sku(digits_build: dict, tmp_p
     res = runner.invoke(app, ["export", "triton", str(digits_build["out"] / "manifest.json"), "--out", str(tmp_path),
                               "--sla-ms", "5"])
     assert res.exit_code == 0, res.output
-    for sku in ("cpu-x86-64-v4", "cpu-aarch64-neoverse-v1"):
+    for sku in (HOST, ARM):
         triton.validate((tmp_path / sku / "digits-cnn" / "config.pbtxt").read_text())
         assert list((tmp_path / sku / "digits-cnn" / "1").iterdir())
 
@@ -199,7 +200,7 @@ def test_export_triton_cli_writes_a_repository_per_sku(digits_build: dict, tmp_p
 def test_export_k8s_needs_a_built_image(digits_build: dict, tmp_path: Path) -> None:
     res = runner.invoke(app, ["export", "k8s", str(digits_build["out"] / "manifest.json"), "--out", str(tmp_path),
                               "--images", str(tmp_path / "no-images")])
-    assert res.exit_code == 2 and "no image built for digits-cnn-v1-cpu-x86-64-v4" in res.output
+    assert res.exit_code == 2 and f"no image built for digits-cnn-v1-{HOST}" in res.output
 
 
 def test_deployment_and_service_validate_strictly(cpu: Deployable) -> None:

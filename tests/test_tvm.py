@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_onnx
+from conftest import ARM, HOST, tiny_onnx
 from mlopt.cli import app
 from mlopt.store import Store
+from mlopt.targets.catalog import load_catalog
 from mlopt.targets.tvm import elf_machine
 
 runner = CliRunner()
@@ -29,11 +30,14 @@ def _candidate(manifest: dict, sku: str, backend: str) -> dict:
 def test_libraries_hold_code_for_the_skus_machine(digits_build: dict) -> None:
     manifest = json.loads((digits_build["out"] / "manifest.json").read_text())
     store = Store(digits_build["store"])
-    for sku, machine in (("cpu-x86-64-v4", 62), ("cpu-aarch64-neoverse-v1", 183)):
+    for sku, machine in ((HOST, 62), ("cpu-x86-64-v4", 62), (ARM, 183)):
         art = store.get(_candidate(manifest, sku, "tvm")["artifact"]["key"])
         entry = json.loads((art.path / "tvm_entry.json").read_text())
         assert elf_machine(art.path / entry["library"]) == machine
-        assert entry["inputs"] == ["x"] and (art.path / "run_tvm.py").is_file()
+        assert entry["inputs"] == ["x"] and (art.path / "run_tvm.py").is_file() and (art.path / "mlopt_isa.py").is_file()
+        sku_data = load_catalog().get(sku)
+        # the SKU's own CPU, never the build machine's (`native`): a v3 build made on a v4 machine runs on v3
+        assert entry["target"] == sku_data.tvm_target and entry["requires"] == sku_data.requires
 
 
 def test_tvm_build_runs_with_the_runtime_alone(digits_build: dict, tmp_path: Path) -> None:
@@ -42,7 +46,7 @@ def test_tvm_build_runs_with_the_runtime_alone(digits_build: dict, tmp_path: Pat
     import sys
 
     manifest = json.loads((digits_build["out"] / "manifest.json").read_text())
-    art = Store(digits_build["store"]).get(_candidate(manifest, "cpu-x86-64-v4", "tvm")["artifact"]["key"])
+    art = Store(digits_build["store"]).get(_candidate(manifest, HOST, "tvm")["artifact"]["key"])
     x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
     env = {"TVM_USE_RUNTIME_LIB": "1", "PATH": "/usr/bin:/bin"}
@@ -63,17 +67,17 @@ def test_tvm_build_runs_with_the_runtime_alone(digits_build: dict, tmp_path: Pat
 def test_tuning_records_are_reused_by_workload(tmp_path: Path) -> None:
     """A second build with the same workloads spends no tuning trials."""
     model = tiny_onnx(tmp_path / "m.onnx")
-    args = ["--backend", "tvm", "--target", "cpu-x86-64-v4", "--trials", "4", "--batch-sizes", "2",
+    args = ["--backend", "tvm", "--target", HOST, "--trials", "4", "--batch-sizes", "2",
             "--runs", "3", "--warmup", "0", "--store", str(tmp_path / "store"), "--json"]
     first = runner.invoke(app, ["compile", str(model), "--out", str(tmp_path / "o1"), *args])
     assert first.exit_code == 0, first.output
-    tuning = _candidate(json.loads(first.stdout), "cpu-x86-64-v4", "tvm")["details"]["tuning"]["batches"][0]
+    tuning = _candidate(json.loads(first.stdout), HOST, "tvm")["details"]["tuning"]["batches"][0]
     assert tuning["tasks"] >= 1 and tuning["tuned_now"] == tuning["tasks"] and tuning["trials_ok"] >= 1
     # other weights: a new model and artifact, the same workloads -> nothing left to tune
     other = tiny_onnx(tmp_path / "other.onnx", seed=1)
     second = runner.invoke(app, ["compile", str(other), "--out", str(tmp_path / "o2"), *args])
     assert second.exit_code == 0, second.output
-    cand = _candidate(json.loads(second.stdout), "cpu-x86-64-v4", "tvm")
+    cand = _candidate(json.loads(second.stdout), HOST, "tvm")
     reuse = cand["details"]["tuning"]["batches"][0]
     assert not cand["cached"] and reuse["already_tuned"] == reuse["tasks"] and reuse["trials_ok"] == 0
     assert cand["validation"]["status"] == "passed"
@@ -96,7 +100,7 @@ class _MloptTVM:
         from mlopt.targets.catalog import load_catalog
         from mlopt.targets.tvm import TVMBackend
 
-        sku = load_catalog().get("cpu-x86-64-v4")
+        sku = load_catalog().get(HOST)
 
         class Rep(onnx.backend.base.BackendRep):
             def __init__(self, run, names):
@@ -117,7 +121,7 @@ class _MloptTVM:
                                    tuning_dir=work, batch_axis="batch", dims={})
                 backend = TVMBackend()
                 (work / "a").mkdir()
-                meta = backend.build(req, work / "a")
+                meta = {**backend.build(req, work / "a"), "requires": backend.requires(sku)}
                 return Rep(backend.load(work / "a", meta, 1), [i.name for i in m.inputs])
 
             @classmethod

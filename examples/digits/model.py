@@ -29,13 +29,28 @@ def untrained() -> nn.Module:
     return DigitsCNN()
 
 
-def trained(epochs: int = 12) -> nn.Module:
-    """Train on the training split (about 3 s on 2 cores); the evaluation split is held out."""
+def trained(epochs: int = 20) -> nn.Module:
+    """Train on the training split (about 3 s); the evaluation split is held out.
+
+    One thread and a learning rate that decays to zero make the result the same on every run and
+    close across CPUs: with a constant rate and 2 threads, 12 epochs ended at 0.77 accuracy on one
+    machine and 0.99 on another (the last steps landed wherever the thread split rounded them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(epochs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(epochs: int) -> nn.Module:
     torch.manual_seed(0)
     model = DigitsCNN()
     x, y = train_split()
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    steps = epochs * -(-len(x) // 64)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(epochs):
@@ -43,4 +58,5 @@ def trained(epochs: int = 12) -> nn.Module:
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+            schedule.step()
     return model.eval()

@@ -17,6 +17,7 @@ from mlopt.store import key_of
 from mlopt.targets import detect
 from mlopt.targets.backends import Backend, BuildRequest, get_backend
 from mlopt.targets.catalog import SKU
+from mlopt.util import scratch_cwd
 
 
 RUNTIME_MODULES = {"apache-tvm": "tvm", "apache-tvm-ffi": "tvm_ffi"}  # package -> module to import first
@@ -64,6 +65,7 @@ def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int,
     threads = sku.threads or plan.threads
     key = key_of({"version": version_key, "model": model.digest, "backend": backend.name,
                   "toolchain": backend.toolchain_for(sku), "trials": run.recipe.tuning.trials, "threads": threads,
+                  "requires": backend.requires(sku),
                   # what the code is built for, not the SKU's name: SKUs of one architecture share builds
                   "sku": sku.model_dump(include={"kind", "vendor", "arch", "machine", "tvm_target", "dtypes",
                                                  "onnxruntime_providers", "openvino_device"})})
@@ -83,7 +85,7 @@ def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int,
         run.log(f"[{sku.name}] {backend.name}: failed: {type(e).__name__}: {e}")
         return {**cand, "status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     run.store.link(run.recipe.model_name, version, art.key)
-    cand.update(status="built", reason="" if avail.run else (avail.reason or why_not), precision=art.meta["precision"],
+    cand.update(status="built", reason="" if avail.run else _not_run(avail.reason, why_not), precision=art.meta["precision"],
                 artifact=_artifact_ref(art), validation=validation, build_seconds=seconds, cached=cached,
                 details=art.meta.get("details", {}), measurement=None)
     if avail.run:
@@ -91,6 +93,11 @@ def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int,
             cand["measurement"] = _measure(run, backend, art, threads, reference)
     run.log(f"[{sku.name}] {backend.name}: {'cached' if cached else 'built'} {art.short}")
     return cand
+
+
+def _not_run(how: str, why: str) -> str:
+    """Why a build was not run here, then what it is: 'cpu-x86-64-v4 code needs avx512f ...; built, not measured'."""
+    return "; ".join(dict.fromkeys(x for x in (why, how) if x))
 
 
 def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, threads: int, avail: Any,
@@ -111,7 +118,8 @@ def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, thre
         files = tmp / "artifact"
         files.mkdir()
         t0 = time.perf_counter()
-        meta = backend.build(req, files)
+        with scratch_cwd():  # compilers' scratch files never land in the user's working directory
+            meta = {**backend.build(req, files.resolve()), "requires": backend.requires(sku)}
         seconds = round(time.perf_counter() - t0, 3)
         validation = _validate(run, model, backend, files, meta, threads) if avail.run else \
             {"status": "not-run", "reason": avail.reason or why_not}

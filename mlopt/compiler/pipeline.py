@@ -44,7 +44,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
     """Run a recipe end to end; write the manifest; return it with the exit code."""
     run = Run(recipe, store, log)
     catalog = load_catalog(recipe.catalog)
-    skus = [catalog.get(t) for t in recipe.targets]
+    skus = detect.resolve_targets(catalog, recipe.targets)
     _check_names(recipe)
     out_dir = _output_dir(recipe)
     # read before the build, so a baseline that cannot be used fails in a second, not after it
@@ -62,9 +62,12 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
     version = store.version_for(recipe.model_name, version_key, {"input_digest": model.digest,
                                                                  "final_digest": final.digest})
     entries, errors, codes = [], [], []
-    for sku in skus:
+    _log_host(skus, log)
+    for sku, requested_as in skus:
         with run.stage(f"build {sku.name}"):
             entry, sku_errors, code = build_sku(run, final, sku, version, version_key, reference)
+        if requested_as:
+            entry["requested_as"] = requested_as
         entries.append(entry)
         errors += sku_errors
         codes.append(code)
@@ -95,6 +98,14 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
     code = max(codes, key=lambda c: (c == 3, c), default=0)
     gate_failed = manifest.gates is not None and manifest.gates.verdict == "fail"
     return BuildResult(manifest, path, code or (GateFailed.exit_code if gate_failed else 0))
+
+
+def _log_host(skus: list[tuple[Any, str | None]], log: Log) -> None:
+    host = detect.host()
+    for sku, requested_as in skus:
+        if requested_as == detect.HOST_TARGET:
+            override = f" (MLOPT_CPU_FLAGS={host['cpu_flags_override']})" if "cpu_flags_override" in host else ""
+            log(f"[host] target 'host' is {sku.name} on this machine{override}: {host['cpu']}")
 
 
 def _check_names(recipe: Recipe) -> None:

@@ -134,13 +134,14 @@ def plan(config: MatrixConfig) -> list[Task]:
 def _recipe_tasks(path: str, config: MatrixConfig) -> list[Task]:
     from mlopt.recipes import load_recipe
     from mlopt.targets.catalog import load_catalog
+    from mlopt.targets.detect import resolve_targets
 
     overrides = {"catalog": str(Path(config.catalog).resolve())} if config.catalog else {}
     recipe = load_recipe(path, overrides)
     catalog = load_catalog(recipe.catalog)
     names = recipe.targets if config.targets is None else \
         [s.name for s in catalog.skus] if config.targets == "all" else config.targets
-    skus = list({s.name: s for s in (catalog.get(n) for n in names)}.values())  # aliases collapse
+    skus = [sku for sku, _ in resolve_targets(catalog, names)]  # aliases collapse; 'host' is this machine's SKU
     tasks = []
     for sku in skus:
         one = recipe.model_copy(update={"targets": [sku.name], "output": ".", "store": None})

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mlopt.package.oci import FileEntry
 from mlopt.package.refs import LayoutRef, parse_base
-from mlopt.package.serving import ENTRY_PATH, MODEL_DIR, SERVING_DIR, Deployable
+from mlopt.package.serving import ENTRY_PATH, ISA_PATH, MODEL_DIR, SERVING_DIR, Deployable
 
 if TYPE_CHECKING:
     from mlopt.package.base import BaseImage
@@ -34,7 +34,7 @@ def write_context(d: Deployable, base: "BaseImage", folder: Path, options: "Imag
     for f in artifact_files(d):
         _place(f, folder / "model" / f.path[len(MODEL_DIR) + 1:])
     for f in serving_files(d, options.serving):
-        rel = "entry.py" if f.path == ENTRY_PATH else "serving/" + f.path[len(SERVING_DIR) + 1:]
+        rel = {ENTRY_PATH: "entry.py", ISA_PATH: "mlopt_isa.py"}.get(f.path) or "serving/" + f.path[len(SERVING_DIR) + 1:]
         _place(f, folder / rel)
     runtime = options.runtime_dirs.get(d.sku.name) or options.runtime_dir
     if runtime:
@@ -107,6 +107,7 @@ def dockerfile(base: "BaseImage", labels: dict[str, str], port: int, site_packag
         *([f"COPY runtime/ {site_packages}/"] if site_packages else []),
         f"COPY serving/ {SERVING_DIR}/",
         f"COPY entry.py {ENTRY_PATH}",
+        f"COPY mlopt_isa.py {ISA_PATH}",
         "# The entry point needs python3, numpy and the build's runtime (serving/requirements.txt) in the base image",
         "# or the runtime folder; with network access: RUN python3 -m pip install -r /opt/mlopt/serving/requirements.txt",
         *(notes or []),

@@ -11,7 +11,8 @@ GET  /v2/health/live              200 unless loading failed
 GET  /v2, /v2/models/NAME         server and model metadata
 POST /v2/models/NAME/infer        {"inputs": [{"name", "shape", "datatype", "data"}]} -> {"outputs": [...]}
 
-``--check`` loads the model, runs it once on zeros and exits (0 ok, 1 failure).
+``--check`` loads the model, runs it once on zeros and exits (0 ok, 1 failure). A build whose code
+this CPU cannot run (``requires`` in serve.json) is refused before anything loads: exit 4.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
+
+try:  # in an image and a Triton repository, mlopt.runtime.isa ships beside this file as mlopt_isa.py
+    import mlopt_isa as isa
+except ImportError:
+    from mlopt.runtime import isa
 
 SERVING = "/opt/mlopt/serving/serve.json"
 V2_TYPES = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "INT64": "int64", "INT32": "int32",
@@ -117,6 +123,7 @@ LOADERS: dict[str, Callable[[dict[str, Any], Path], Runner]] = {
 def load_runner(spec: dict[str, Any], model_dir: Path | None = None) -> Runner:
     """The callable that runs the build named by a serve.json ``spec``: feed dict in, output dict out."""
     backend = spec["backend"]
+    isa.require(spec.get("requires"), f"build of {spec.get('model')} v{spec.get('version')} for {spec.get('sku')}")
     if backend not in LOADERS:
         raise RuntimeError(f"backend {backend!r} has no loader here; known: {', '.join(sorted(LOADERS))}")
     return LOADERS[backend](spec, Path(model_dir or spec["model_dir"]))
@@ -268,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="load, run once on zeros, exit")
     args = p.parse_args(argv)
     spec = _json(args.serving)
+    refused = isa.refusal(spec.get("requires"), f"build of {spec.get('model')} v{spec.get('version')} for {spec.get('sku')}")
+    if refused:  # before anything loads: code for another CPU would die of SIGILL
+        print(f"entry: {refused}", file=sys.stderr, flush=True)
+        return isa.EXIT_CODE
     model = Model(spec, args.model_dir)
     if args.check:
         return _check(model)

@@ -40,6 +40,7 @@ from mlopt.package.refs import check_tag
 from mlopt.package.serving import (
     ENTRY_PATH,
     IMAGE_ROOT,
+    ISA_PATH,
     MODEL_DIR,
     SERVING_DIR,
     Deployable,
@@ -225,18 +226,22 @@ def runtime_files(folder: Path) -> list[FileEntry]:
 def serving_files(d: Deployable, options: ServingOptions) -> list[FileEntry]:
     """serve.json, requirements.txt, the Triton repository (links into the model folder) and entry.py."""
     from mlopt.package import entry
+    from mlopt.runtime import isa
 
     spec = serve_spec(d, options)
     repo = f"{SERVING_DIR}/triton/{d.model.name}"
     files = [FileEntry(f"{SERVING_DIR}/serve.json", data=json.dumps(spec, indent=2, sort_keys=True).encode()),
              FileEntry(f"{SERVING_DIR}/requirements.txt", data=requirements(d).encode()),
              FileEntry(f"{repo}/config.pbtxt", data=triton.config_text(d, options).encode()),
-             FileEntry(ENTRY_PATH, source=Path(entry.__file__), mode=0o755)]
+             FileEntry(ENTRY_PATH, source=Path(entry.__file__), mode=0o755),
+             FileEntry(ISA_PATH, source=Path(isa.__file__))]
     files += [_link(f"{repo}/1/{p.name}", f"{MODEL_DIR}/{p.name}") for p in triton.version_files(d)]
     extra = triton.python_backend_files(d, options)  # Triton's Python backend runs the build through entry.py
     files += [FileEntry(f"{repo}/1/{name}", data=data) for name, data in sorted(extra.items())]
     if extra:
         files.append(_link(f"{repo}/1/mlopt_entry.py", ENTRY_PATH))
+        if not any(f.path == f"{repo}/1/mlopt_isa.py" for f in files):  # a TVM artifact ships its own copy
+            files.append(_link(f"{repo}/1/mlopt_isa.py", ISA_PATH))
     return files
 
 

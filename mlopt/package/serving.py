@@ -24,6 +24,7 @@ IMAGE_ROOT = "/opt/mlopt"
 MODEL_DIR = f"{IMAGE_ROOT}/model"
 SERVING_DIR = f"{IMAGE_ROOT}/serving"
 ENTRY_PATH = f"{IMAGE_ROOT}/entry.py"
+ISA_PATH = f"{IMAGE_ROOT}/mlopt_isa.py"  # mlopt.runtime.isa, which entry.py imports to refuse foreign CPU code
 JIT_BACKENDS = ("tensorrt", "migraphx")  # engines built on the device when the container starts
 MIN_GAIN = 1.10  # a larger batch is preferred only for at least 10% more throughput
 RUNTIME_OVERHEAD = 256 << 20  # Python, numpy and the runtime library beside the model (bytes)
@@ -162,6 +163,7 @@ def serve_spec(d: Deployable, options: ServingOptions) -> dict[str, Any]:
         "inputs": [i.model_dump(mode="json") for i in d.model.inputs], "outputs": list(d.model.outputs),
         "threads": d.threads, "providers": list(d.sku.onnxruntime_providers), "openvino_device": d.sku.openvino_device,
         "port": options.port, "engine_cache": ENGINE_CACHE if d.backend in JIT_BACKENDS else None,
+        "requires": d.artifact.meta.get("requires") or {},
     }
 
 

@@ -263,7 +263,11 @@ def write_repository(d: Deployable, out: Path, options: ServingOptions) -> Path:
     for name, data in extra.items():
         (version / name).write_bytes(data)
     if extra:
+        from mlopt.runtime import isa
+
         shutil.copyfile(entry.__file__, version / "mlopt_entry.py")
+        if not (version / "mlopt_isa.py").exists():  # a TVM artifact ships its own (a link into the store)
+            shutil.copyfile(isa.__file__, version / "mlopt_isa.py")
     return folder
 
 

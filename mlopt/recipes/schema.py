@@ -408,7 +408,9 @@ class Recipe(Strict):
     data: Data = Field(default_factory=Data)
     passes: list[PassStep] = Field(default_factory=list, description="Ordered compression/optimization passes.")
     accuracy: AccuracyBudget = Field(default_factory=AccuracyBudget)
-    targets: list[str] = Field(default_factory=lambda: ["cpu-x86-64-v4"], description="SKU names from the catalog.")
+    targets: list[str] = Field(default_factory=lambda: ["host"], description=(
+        "SKU names from the catalog; 'host' is the best CPU SKU the machine running the compile can run "
+        "(x86-64-v4, v3 or v2; an aarch64 SKU on Arm), resolved at run time and recorded in the manifest."))
     backends: list[str] | dict[str, list[str]] | None = Field(
         None, description="Restrict backends to these, kept in each SKU's catalog order (default: every backend of "
                           "the SKU). A list applies to every SKU; a mapping applies per SKU name, or per SKU kind "

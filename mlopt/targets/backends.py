@@ -11,7 +11,8 @@ from typing import Any, Callable, ClassVar, Literal
 import numpy as np
 
 from mlopt.compiler.model import Model
-from mlopt.errors import UnknownName
+from mlopt.errors import BackendUnavailable, UnknownName
+from mlopt.runtime import isa
 from mlopt.targets.catalog import SKU
 from mlopt.util import package_version  # noqa: F401  (re-exported for the backends)
 
@@ -64,9 +65,23 @@ class Backend(ABC):
     def build(self, req: BuildRequest, out: Path) -> dict[str, Any]:
         """Write the artifact's files into ``out``; return its metadata (precision, entry point ...)."""
 
-    @abstractmethod
+    def requires(self, sku: SKU) -> dict[str, Any]:
+        """What this backend's build for ``sku`` needs of the CPU that runs it. Portable formats
+        (ONNX, OpenVINO IR) need nothing: their runtimes pick kernels for the CPU they find."""
+        return {}
+
     def load(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
-        """A callable running the built artifact on a feed."""
+        """A callable running the built artifact on a feed; a build whose code this CPU cannot run
+        is refused (exit 4) before any of it is loaded."""
+        reason = isa.refusal(meta.get("requires"), f"build {artifact.name} ({meta.get('sku', '?')}/{self.name})")
+        if reason:
+            raise BackendUnavailable(reason, hint="run it on a machine of its SKU; `mlopt targets` shows what this "
+                                                  "machine runs")
+        return self.open(artifact, meta, threads)
+
+    @abstractmethod
+    def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
+        """A callable running the built artifact on a feed (``load`` checks the CPU first)."""
 
     @abstractmethod
     def toolchain(self) -> dict[str, str]:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mlopt.errors import BadInput, UnknownName
 
 BUNDLED = Path(__file__).with_name("catalog.yaml")
+RESERVED = {"host"}  # target names that are not SKUs (``detect.resolve_targets`` resolves them)
 
 
 class Strict(BaseModel):
@@ -102,6 +103,12 @@ class SKU(Strict):
     @property
     def needs_gpu(self) -> bool:
         return self.kind == "gpu"
+
+    @property
+    def requires(self) -> dict[str, Any]:
+        """What machine code built for this SKU needs of the CPU running it (``mlopt.runtime.isa``);
+        a GPU SKU's host code needs only its machine type."""
+        return {"machine": self.machine, "cpu_flags": list(self.requirements.cpu_flags)}
 
     @field_validator("device")
     @classmethod
@@ -219,4 +226,7 @@ def _validate(path: Path, raw: Any) -> Catalog:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise BadInput(f"catalog {path} names SKUs twice: {', '.join(sorted(dup))}")
+    if RESERVED & set(names):
+        raise BadInput(f"catalog {path} names a SKU {', '.join(sorted(RESERVED & set(names)))!r}, which is "
+                       "reserved: it means the best SKU this machine runs", hint="rename that SKU")
     return catalog

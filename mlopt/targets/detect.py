@@ -21,29 +21,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mlopt.targets.catalog import SKU
+from mlopt.errors import UnknownName
+from mlopt.runtime import isa
+from mlopt.targets.catalog import SKU, Catalog
 from mlopt.util import package_version
 
-# x86-64 micro-architecture levels (psABI), by the /proc/cpuinfo flags each adds.
-X86_LEVELS = {
-    "x86-64-v2": ["cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"],
-    "x86-64-v3": ["avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"],
-    "x86-64-v4": ["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"],
-}
-NOTABLE = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
-           "asimd", "sve", "sve2", "i8mm", "bf16"]
+X86_LEVELS, NOTABLE = isa.X86_LEVELS, isa.NOTABLE
+HOST_TARGET = "host"  # the target name that resolves to the best catalog SKU this machine runs
 
 
 @lru_cache(maxsize=1)
+def _real_cpu_flags() -> frozenset[str]:
+    return isa.real_cpu_flags()
+
+
 def cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    """The CPU flags mlopt relies on: this CPU's, narrowed by ``MLOPT_CPU_FLAGS`` (``mlopt.runtime.isa``)."""
+    return isa.narrow(_real_cpu_flags(), os.environ.get(isa.ENV))
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +63,7 @@ def x86_level(flags: frozenset[str]) -> str | None:
 def host() -> dict[str, Any]:
     """Where a figure was measured: stamped on every measurement."""
     flags = cpu_flags()
-    return {
+    found = {
         "machine": platform.machine(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -78,6 +72,8 @@ def host() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
     }
+    override = os.environ.get(isa.ENV, "").strip()
+    return {**found, "cpu_flags_override": override} if override else found
 
 
 def host_runs(sku: SKU) -> tuple[bool, str]:
@@ -87,12 +83,41 @@ def host_runs(sku: SKU) -> tuple[bool, str]:
         if gpu is None:
             return False, f"{sku.name} is a GPU SKU and this machine has no matching GPU"
         return True, ""
-    if platform.machine() != sku.machine:
-        return False, f"{sku.name} is {sku.machine}; this machine is {platform.machine()}"
-    missing = [f for f in sku.requirements.cpu_flags if f not in cpu_flags()]
-    if missing:
-        return False, f"this CPU lacks {', '.join(missing)} that {sku.name} code uses"
-    return True, ""
+    reason = isa.refusal(sku.requires, f"{sku.name} code")
+    return (False, reason) if reason else (True, "")
+
+
+def host_sku(catalog: Catalog) -> SKU:
+    """The catalog's best CPU SKU this machine runs: the one whose code needs the most CPU flags
+    (x86-64-v4 over v3 over v2; on Arm, SVE over plain NEON), the catalog's order breaking ties."""
+    runnable = [s for s in catalog.skus if s.kind == "cpu" and host_runs(s)[0]]
+    if not runnable:
+        cpus = [s.name for s in catalog.skus if s.kind == "cpu"]
+        raise UnknownName(f"no CPU SKU in the catalog runs on this machine ({platform.machine()}, "
+                          f"{', '.join(isa.notable(cpu_flags())) or 'no notable CPU flags'}); "
+                          f"the catalog has {', '.join(cpus) or 'none'}",
+                          hint="add a SKU for this CPU with --catalog FILE, or name a target instead of 'host'")
+    return max(runnable, key=lambda s: (len(s.requirements.cpu_flags), -catalog.skus.index(s)))
+
+
+def get_target(catalog: Catalog, name: str) -> SKU:
+    """The SKU a target name stands for: 'host' resolved on this machine, else a catalog name or alias."""
+    return host_sku(catalog) if name.strip().lower() == HOST_TARGET else catalog.get(name)
+
+
+def resolve_targets(catalog: Catalog, names: Sequence[str]) -> list[tuple[SKU, str | None]]:
+    """Each target name as (SKU, the name 'host' when it stood for it); duplicates are dropped, so
+    ``[host, cpu-x86-64-v4]`` on an AVX-512 machine builds that SKU once."""
+    out: list[tuple[SKU, str | None]] = []
+    for name in names:
+        sku = get_target(catalog, name)
+        requested = HOST_TARGET if name.strip().lower() == HOST_TARGET else None
+        known = next((i for i, (s, _) in enumerate(out) if s.name == sku.name), None)
+        if known is None:
+            out.append((sku, requested))
+        elif requested:
+            out[known] = (sku, requested)
+    return out
 
 
 def toolchains() -> dict[str, str]:

@@ -23,15 +23,17 @@ from typing import Any, Literal
 
 import yaml
 
-from mlopt.errors import BackendUnavailable, BadInput
+from mlopt.errors import BackendUnavailable, BadInput, UnknownName
 from mlopt.targets.catalog import SKU, Catalog
 from mlopt.targets.detect import (
     GPU,
     ORT_DISTS,
     Env,
     detect_gpus,
+    get_target,
     host,
     host_runs,
+    host_sku,
     live_env,
     parse_version,
     version_at_least,
@@ -353,6 +355,7 @@ class Report:
     cross_compile: list[dict[str, Any]]
     skus: dict[str, dict[str, Any]]  # every catalog SKU: can its builds run (be validated, measured) here?
     sku: str | None = None
+    host_sku: str | None = None  # what the target 'host' resolves to here (None: no catalog CPU SKU runs)
     problems: list[str] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
     replayed_from: str | None = None
@@ -377,6 +380,7 @@ class Report:
             "toolchains": {c.name: asdict(c) for c in self.toolchains},
             "cross_compile": self.cross_compile,
             "skus": self.skus,
+            "host_sku": self.host_sku,
         }
 
 
@@ -409,7 +413,7 @@ def _sku_problems(wanted: SKU, matches: list[Match]) -> tuple[list[str], list[st
 def diagnose(catalog: Catalog, env: Env | None = None, sku: str | None = None) -> Report:
     """Probe the machine in ``env``, match GPUs to ``catalog`` and check requirements (of ``sku`` alone if given)."""
     env = env or live_env()
-    wanted = catalog.get(sku) if sku else None
+    wanted = get_target(catalog, sku) if sku else None
     gpus = detect_gpus(env)
     matches = match_gpus(gpus, catalog)
     found, tools = runtimes(env), toolchains(env)
@@ -422,8 +426,15 @@ def diagnose(catalog: Catalog, env: Env | None = None, sku: str | None = None) -
         host=host(), gpus=gpus, matches=matches, checks=checks, runtimes=found, toolchains=tools,
         cross_compile=cross_compile_needs(catalog, tools),
         skus={s.name: _runs_here(s, matches, every) for s in catalog.skus},
-        sku=wanted.name if wanted else None, problems=problems + [c.problem() for c in failed],
+        sku=wanted.name if wanted else None, host_sku=_host_sku(catalog), problems=problems + [c.problem() for c in failed],
         fixes=list(dict.fromkeys(fixes + [c.fix for c in failed])), replayed_from=getattr(env, "replayed_from", None))
+
+
+def _host_sku(catalog: Catalog) -> str | None:
+    try:
+        return host_sku(catalog).name
+    except UnknownName:
+        return None
 
 
 def raise_for(report: Report) -> None:
@@ -521,6 +532,8 @@ def render(report: Report, console: Any) -> None:
     console.print(_table("toolchains", ["tool", "version", "source", "detail"], _component_rows(report.toolchains)))
     console.print(_table("catalog SKUs on this machine", ["SKU", "run and measure here"],
                          [[n, "yes" if i["runs_here"] else f"no: {i['reason']}"] for n, i in report.skus.items()]))
+    console.print(f"target [bold]host[/] is {report.host_sku} on this machine" if report.host_sku else
+                  "[yellow]no catalog CPU SKU runs on this machine[/]: add one with --catalog FILE")
     unknown = [c for c in report.checks if c.status == "unknown"]
     if report.ok and (report.checks or report.sku):
         verdict = f"this machine can serve {report.sku}" if report.sku else "all requirement checks pass"

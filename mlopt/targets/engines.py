@@ -168,7 +168,7 @@ class EngineBackend(Backend):
             raise BackendUnavailable(f"{self.name}: {e}") from None
 
     # ------------------------------------------------------------ run
-    def load(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
+    def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
         try:
             return entry.open_runner(artifact, engine_cache())
         except entry.EngineError as e:

@@ -124,7 +124,7 @@ class OpenVINOBackend(Backend):
                 "details": details}
 
     # ------------------------------------------------------------ run
-    def load(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
+    def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
         import openvino as ov
 
         entry = json.loads((artifact / meta["config"]).read_text())

@@ -134,7 +134,7 @@ class OrtBackend(Backend):
         return {"precision": precision, "entry": "model.onnx", "session": SESSION_FILE, "format": "onnx",
                 "details": {"providers": [p if isinstance(p, str) else p[0] for p in session["providers"]]}}
 
-    def load(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
+    def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
         import onnxruntime as ort
 
         settings = json.loads((artifact / meta["session"]).read_text())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlopt.errors import MloptError
-from mlopt.targets.catalog import SKU
+from mlopt.errors import MloptError, UnknownName
+from mlopt.targets.catalog import SKU, Catalog
 
 
 def sku_rows(sku: SKU) -> list[tuple[str, str]]:
@@ -55,3 +55,47 @@ def availability_rows(sku: SKU) -> list[dict[str, Any]]:
         except (MloptError, ImportError) as e:
             rows.append({"backend": name, "build": "no", "run": False, "reason": str(e)})
     return rows
+
+
+def here_rows(catalog: Catalog) -> dict[str, dict[str, Any]]:
+    """Per SKU: does this machine run its code (validate and measure it here) or only cross-compile for
+    it, and why; ``host`` marks the SKU the target 'host' resolves to."""
+    from mlopt.targets import detect
+
+    try:
+        host = detect.host_sku(catalog).name
+    except UnknownName:
+        host = None
+    rows = {}
+    for sku in catalog.skus:
+        runs, why = detect.host_runs(sku)
+        rows[sku.name] = {"runs": runs, "host": sku.name == host, "reason": why, "short": _short(sku, runs)}
+    return rows
+
+
+def _short(sku: SKU, runs: bool) -> str:
+    from mlopt.runtime import isa
+
+    if runs:
+        return ""
+    if sku.needs_gpu:
+        return "no such GPU here"
+    lack = isa.missing(sku.requires)
+    return f"{sku.machine} code" if lack and lack[0].startswith("machine:") else f"lacks {', '.join(lack)}"
+
+
+def catalog_table(catalog: Catalog, here: dict[str, dict[str, Any]]) -> Any:
+    """The catalog as a rich table, with what this machine does for each SKU."""
+    from rich.table import Table
+
+    t = Table(title="SKU catalog")
+    for col in ("name", "kind", "vendor", "arch", "memory GB", "fp16 TFLOPS", "$/hour", "backends", "this machine"):
+        t.add_column(col)
+    for s in catalog.skus:
+        fp16 = s.peak.fp16_tflops if s.peak else None
+        h = here[s.name]
+        state = ("runs (host)" if h["host"] else "runs") if h["runs"] else f"cross-compiles: {h['short']}"
+        t.add_row(s.name, s.kind, s.vendor, s.arch, f"{s.memory_gb:g}" if s.memory_gb else "-",
+                  f"{fp16:g}" if fp16 else "-", f"{s.price.usd_per_hour:g}" if s.price else "-",
+                  ", ".join(s.backends), state)
+    return t

@@ -23,6 +23,7 @@ import numpy as np
 
 from mlopt.compiler.model import FLOAT_PRECISIONS
 from mlopt.errors import BackendUnavailable, UnsupportedOperator
+from mlopt.runtime import isa
 from mlopt.targets import gpu_toolchain
 from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
 from mlopt.targets.catalog import SKU
@@ -33,6 +34,7 @@ from mlopt.targets.devcode import require_device_code
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 ENTRY_FILE = "tvm_entry.json"
+ISA_FILE = "mlopt_isa.py"  # mlopt.runtime.isa, shipped beside run_tvm.py
 GPU_KINDS = {"cuda": "cuda", "rocm": "rocm"}  # TVM target kind -> runtime device
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 CROSS_LINKERS = {"aarch64": ["aarch64-linux-gnu-gcc", "ld.lld", "ld.lld-22", "ld.lld-19", "ld.lld-18", "ld.lld-17"]}
@@ -43,12 +45,20 @@ RUN_SCRIPT = '''"""Run this TVM build with the TVM runtime alone (TVM_USE_RUNTIM
 """
 import json, sys
 from pathlib import Path
-import numpy as np
-import tvm
-from tvm.runtime.vm import VirtualMachine
 
-here = Path(__file__).parent
+here = Path(__file__).resolve().parent
 entry = json.loads((here / "tvm_entry.json").read_text())
+sys.path.insert(0, str(here))
+import mlopt_isa  # noqa: E402  (beside this file: which CPU flags this machine has)
+
+refused = mlopt_isa.refusal(entry.get("requires"), f"build {here.name} ({entry['target'].get('mcpu') or entry['target'].get('kind')})")
+if refused:  # never load code this CPU cannot run: it would die of SIGILL
+    print(f"run_tvm.py: {refused}", file=sys.stderr)
+    sys.exit(mlopt_isa.EXIT_CODE)
+
+import numpy as np  # noqa: E402
+import tvm  # noqa: E402
+from tvm.runtime.vm import VirtualMachine  # noqa: E402
 
 
 def load_device_plugin(kind):
@@ -143,11 +153,13 @@ class TVMBackend(Backend):
             "library": library, "function": "main", "tuned": tuned,
             "inputs": [i.name for i in req.model.inputs], "outputs": list(req.model.outputs),
             "target": target_dict, "machine": req.sku.machine, "device": GPU_KINDS.get(kind, "cpu"),
+            "requires": self.requires(req.sku),
             "runtime": {"package": "apache-tvm", "version": package_version("apache-tvm"),
                         "note": "needs only the TVM runtime library (TVM_USE_RUNTIME_LIB=1)"},
         }
         (out / ENTRY_FILE).write_text(json.dumps(entry, indent=2))
         (out / "run_tvm.py").write_text(RUN_SCRIPT)
+        shutil.copyfile(isa.__file__, out / ISA_FILE)
         # TVM's ONNX frontend lowers QDQ to float quantize/dequantize arithmetic: no int8 kernels
         precision = req.model.precision
         if precision not in FLOAT_PRECISIONS:
@@ -181,7 +193,7 @@ class TVMBackend(Backend):
             raise BackendUnavailable(f"TVM built {dest.name} for ELF machine {got}, not {req.sku.machine}")
 
     # ------------------------------------------------------------ run
-    def load(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
+    def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -205,6 +217,10 @@ class TVMBackend(Backend):
             return {n: o.numpy() for n, o in zip(entry["outputs"], outs)}
 
         return run
+
+    def requires(self, sku: SKU) -> dict[str, Any]:
+        """Machine code for the SKU's ``mcpu``: it needs every CPU flag the SKU lists."""
+        return sku.requires
 
     def toolchain(self) -> dict[str, str]:
         return {"apache-tvm": package_version("apache-tvm"), "apache-tvm-ffi": package_version("apache-tvm-ffi")}

@@ -5,6 +5,8 @@ compressed, not faster on dense hardware)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mlopt.compiler.model import Model
@@ -178,7 +180,6 @@ def finetune(student: Any, teacher: Any, ctx: PassContext, steps: int, lr: float
     Returns the loss averaged over each tenth of the run (first and last show that it fell).
     """
     import torch
-    import torch.nn.functional as F
 
     if steps == 0:
         return []
@@ -189,7 +190,36 @@ def finetune(student: Any, teacher: Any, ctx: PassContext, steps: int, lr: float
     teacher.eval()
     student.train()
     losses: list[float] = []
+    with deterministic_training():
+        _train_steps(student, teacher, opt, batches, labels, masks, steps, temperature, alpha, losses)
+    student.eval()
+    tenth = max(1, steps // 10)
+    return [round(sum(losses[k:k + tenth]) / len(losses[k:k + tenth]), 5) for k in range(0, steps, tenth)]
+
+
+@contextmanager
+def deterministic_training() -> Iterator[None]:
+    """Seeded, deterministic kernels and one thread while training: the same student on every run of
+    a machine, whatever its core count. (Across CPU types float results still differ in the last bits:
+    AVX2 and AVX-512 kernels sum in different orders, so recipes' budgets keep a margin.)"""
+    import torch
+
+    threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(0)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
+
+
+def _train_steps(student: Any, teacher: Any, opt: Any, batches: list, labels: list, masks: dict, steps: int,
+                 temperature: float, alpha: float | None, losses: list[float]) -> None:
+    import torch
+    import torch.nn.functional as F
+
     for step in range(steps):
         i = step % len(batches)
         args = example_args(batches[i])
@@ -211,9 +241,6 @@ def finetune(student: Any, teacher: Any, ctx: PassContext, steps: int, lr: float
                 for n, p in student.named_parameters():
                     p.mul_(masks[n])
         losses.append(loss.item())
-    student.eval()
-    tenth = max(1, steps // 10)
-    return [round(sum(losses[k:k + tenth]) / len(losses[k:k + tenth]), 5) for k in range(0, steps, tenth)]
 
 
 def _split_labels(batches: Any) -> list[Any]:

@@ -18,6 +18,7 @@ from mlopt.compiler.model import Model
 from mlopt.compiler.passes import PassContext, register
 from mlopt.errors import BadInput
 from mlopt.recipes.schema import QuantizePass
+from mlopt.util import scratch_cwd
 
 # The compute-heavy ops, plus those that are exact in int8 and keep a chain of convolutions in int8
 # (no Dequantize/Quantize between them). Quantizing every op (Add, Softmax ...) collapses accuracy.
@@ -53,7 +54,8 @@ def _preprocessed(model: Model, ctx: PassContext) -> Path:
 
     pre = ctx.workdir / "preprocessed.onnx"
     if not pre.exists():
-        quant_pre_process(str(model.onnx_path), str(pre), skip_symbolic_shape=True)
+        with scratch_cwd():
+            quant_pre_process(str(model.onnx_path.resolve()), str(pre.resolve()), skip_symbolic_shape=True)
     return pre
 
 
@@ -84,12 +86,13 @@ def _static(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str
     pre = _preprocessed(model, ctx)
     thin = thin_convs(pre, cfg.float_input_channels)
     exclude = sorted(set(exclude) | set(thin))
-    quantize_static(
-        str(pre), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=ops, per_channel=cfg.per_channel, activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
-        calibration_cache_path=str(cache), extra_options={"CalibMovingAverage": cfg.calibration == "minmax"},
-    )
+    with scratch_cwd():
+        quantize_static(
+            str(pre.resolve()), str(out.resolve()), _Reader(feeds), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=ops, per_channel=cfg.per_channel, activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
+            calibration_cache_path=str(cache.resolve()), extra_options={"CalibMovingAverage": cfg.calibration == "minmax"},
+        )
     return {"per_channel": cfg.per_channel, "calibration": cfg.calibration, "calibration_batches": len(feeds),
             "op_types": ops, "thin_convs_in_float": thin}
 
@@ -117,8 +120,10 @@ def _dynamic(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[st
             "Runtime runs dynamically quantized convolutions (ConvInteger) slower than float",
             hint="use mode: int8-static (QDQ) for convolutional models",
         )
-    quantize_dynamic(str(_preprocessed(model, ctx)), str(out), weight_type=QuantType.QInt8,
-                     per_channel=cfg.per_channel, op_types_to_quantize=ops, nodes_to_exclude=exclude)
+    pre = _preprocessed(model, ctx)
+    with scratch_cwd():
+        quantize_dynamic(str(pre.resolve()), str(out.resolve()), weight_type=QuantType.QInt8,
+                         per_channel=cfg.per_channel, op_types_to_quantize=ops, nodes_to_exclude=exclude)
     return {"per_channel": cfg.per_channel, "op_types": ops, "conv_weight_share": round(share, 4)}
 
 
