@@ -252,6 +252,7 @@ def test_every_example_targets_the_host() -> None:
 def test_every_example_recipe_exits_0_on_this_host(recipe: Path, tmp_path: Path) -> None:
     """Each bundled example as a new user runs it (smaller benchmark plan), with figures for the host SKU."""
     out = subprocess.run([sys.executable, "-m", "mlopt.cli", "compile", str(recipe), "--runs", "5", "--warmup", "1",
+                          "--batch-sizes", "1",
                           "--store", str(tmp_path / "store"),
                           "--out", str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
