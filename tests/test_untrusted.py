@@ -150,3 +150,69 @@ def test_plain_tensor_pickles_pass() -> None:
                 "layout": torch.strided, "set": {1}, "b": b"x"}, buf)
     pt2_safety.check_payload(buf.getvalue(), "m.pt2:x")
     pt2_safety.scan_pickles(pickle.dumps({"a": [1, 2.0, "s", (None, True)]}, protocol=5), "m.pt2:x")
+
+
+# ---------------------------------------------------------------- names that become paths
+
+
+def test_traversal_model_name_flag_exits_2_at_recipe_load(tmp_path: Path) -> None:
+    from conftest import tiny_onnx
+
+    model = tiny_onnx(tmp_path / "m.onnx")
+    for name in ("../../x", "../../x y", "..", "a/b"):
+        res = runner.invoke(app, ["compile", str(model), "--name", name, "--dry-run"])
+        assert res.exit_code == 2 and "model.name" in res.output, (name, res.output)
+
+
+def test_traversal_model_name_in_recipe_exits_2(tmp_path: Path) -> None:
+    import yaml
+
+    from conftest import digits_recipe
+
+    recipe = digits_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["model"]["name"] = "../evil"
+    recipe.write_text(yaml.safe_dump(data))
+    res = runner.invoke(app, ["compile", str(recipe), "--dry-run"])
+    assert res.exit_code == 2 and "model.name '../evil'" in res.output, res.output
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("name, ok", [("resnet50-v1.5_int8", True), ("..", False), (".", False), ("../x", False),
+                                      (".hidden", False), ("a" * 128, True), ("a" * 129, False), ("a b", False)])
+def test_one_name_rule(name: str, ok: bool) -> None:
+    from mlopt.util import is_safe_name
+
+    assert is_safe_name(name) is ok
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../x", "a/b", "a" * 129])
+def test_catalog_sku_names_follow_the_rule(name: str) -> None:
+    from pydantic import ValidationError
+
+    from mlopt.targets.catalog import SKU
+
+    def name_errors(value: str, aliases: list[str]) -> list:
+        try:
+            SKU(name=value, aliases=aliases, vendor="generic", kind="cpu", arch="x86-64-v3")
+        except ValidationError as e:
+            return [err for err in e.errors() if err["loc"][0] in ("name", "aliases")]
+        return []
+
+    assert name_errors("cpu-ok", ["alias-ok"]) == []
+    assert name_errors(name, []) and name_errors("cpu-ok", [name])
+
+
+def test_inside_keeps_paths_in_their_folder(tmp_path: Path) -> None:
+    from mlopt.errors import BadInput
+    from mlopt.util import inside
+
+    out = tmp_path / "out"
+    out.mkdir()
+    assert inside(out, "sku", "model", "1") == (out / "sku" / "model" / "1").resolve()
+    for parts in [("..", "x"), ("../../etc/evil",), ("/etc/passwd",), ("a", "..", "..", "b")]:
+        with pytest.raises(BadInput, match="outside"):
+            inside(out, *parts)
+    (out / "link").symlink_to(tmp_path)  # a symlink out of the folder does not get around it
+    with pytest.raises(BadInput, match="outside"):
+        inside(out, "link", "x")
