@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
+
+from mlopt.errors import BadInput
 
 _CWD_LOCK = threading.RLock()  # the working directory is the process's: one scratch folder at a time
 
@@ -57,3 +60,26 @@ def scratch_cwd() -> Iterator[Path]:
             yield Path(tmp)
         finally:
             os.chdir(before)
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""One rule for every name that becomes a path or an image tag: letters, digits, '.', '_', '-', starting
+with a letter or digit (so never '.', '..' or a separator), up to 128 characters."""
+NAME_RULE = "letters, digits, '.', '_' or '-' (up to 128), starting with a letter or digit"
+
+
+def is_safe_name(value: str) -> bool:
+    """Whether ``value`` follows ``NAME_PATTERN``."""
+    return re.fullmatch(NAME_PATTERN, value) is not None
+
+
+def inside(base: str | os.PathLike[str], *parts: str | os.PathLike[str]) -> Path:
+    """``base/parts...`` resolved, refused (``BadInput``) when it would leave ``base``: a '..', an
+    absolute part or a symlink pointing out of the folder."""
+    root = Path(base).resolve()
+    path = root.joinpath(*parts).resolve()
+    if not path.is_relative_to(root):
+        shown = "/".join(str(p) for p in parts)
+        raise BadInput(f"{shown!r} would be written outside {root}",
+                       hint=f"use names made of {NAME_RULE}")
+    return path

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mlopt.compiler.model import ONNX_TO_NUMPY, Model, file_digest
+from mlopt.compiler.pt2_safety import check_pt2
 from mlopt.errors import ModelLoadError, ValidationMismatch
 from mlopt.recipes.schema import InputSpec, ModelSource
 
@@ -179,14 +180,18 @@ def torch_loader(src: ModelSource) -> Callable[[], Any]:
 
 
 def _load_pt2(path: Path) -> Any:
+    """Load a torch.export archive once ``check_pt2`` found nothing in it that would run code."""
     import torch
 
-    if not path.is_file():
-        raise ModelLoadError(f"model file {path} does not exist")
+    check_pt2(path)
+    logging.getLogger("torch.export").setLevel(logging.ERROR)  # it logs a traceback before raising
     try:
         return torch.export.load(str(path))
     except Exception as e:
-        raise ModelLoadError(f"{path} is not a loadable torch.export file: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(
+            f"{path} is not a loadable torch.export file ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+            hint="save it again with torch.export.save from the same torch version",
+        ) from None
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from mlopt.package.oci import FileEntry
 from mlopt.package.refs import LayoutRef, parse_base
 from mlopt.package.serving import ENTRY_PATH, ISA_PATH, MODEL_DIR, SERVING_DIR, Deployable
+from mlopt.util import inside
 
 if TYPE_CHECKING:
     from mlopt.package.base import BaseImage
@@ -32,10 +33,10 @@ def write_context(d: Deployable, base: "BaseImage", folder: Path, options: "Imag
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for f in artifact_files(d):
-        _place(f, folder / "model" / f.path[len(MODEL_DIR) + 1:])
+        _place(f, inside(folder, "model", f.path[len(MODEL_DIR) + 1:]))
     for f in serving_files(d, options.serving):
         rel = {ENTRY_PATH: "entry.py", ISA_PATH: "mlopt_isa.py"}.get(f.path) or "serving/" + f.path[len(SERVING_DIR) + 1:]
-        _place(f, folder / rel)
+        _place(f, inside(folder, rel))
     runtime = options.runtime_dirs.get(d.sku.name) or options.runtime_dir
     if runtime:
         shutil.copytree(runtime, folder / "runtime", symlinks=True)

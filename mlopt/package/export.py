@@ -18,6 +18,7 @@ import yaml
 
 from mlopt.errors import BadInput
 from mlopt.manifest import read_manifest
+from mlopt.util import inside
 from mlopt.package import kube, triton
 from mlopt.package.image import BuiltImage, read_record
 from mlopt.package.refs import parse_repository
@@ -53,7 +54,7 @@ def export_triton(manifest_path: Path, options: ExportOptions, log: Log = print)
     """One Triton model repository per SKU; returns the model folders."""
     folders = []
     for d in _load(manifest_path, options, log):
-        folders.append(triton.write_repository(d, options.out / d.sku.name, options.serving))
+        folders.append(triton.write_repository(d, inside(options.out, d.sku.name), options.serving))
         log(f"[export] {d.sku.name}: {folders[-1]}/config.pbtxt")
     return folders
 
@@ -65,11 +66,11 @@ def export_kubernetes(manifest_path: Path, options: ExportOptions, kind: str, lo
     for d in _load(manifest_path, options, log):
         w = kube.workload(d, image_ref(d, images, options.registry), options.serving)
         docs = _documents(w, options, kind)
-        folder = options.out / d.sku.name
+        folder = inside(options.out, d.sku.name)
         folder.mkdir(parents=True, exist_ok=True)
         for name, doc in docs.items():
             # a JSON round trip unshares the label dicts, so the YAML has no &anchors
-            (folder / name).write_text(yaml.safe_dump(json.loads(json.dumps(doc)), sort_keys=False))
+            inside(folder, name).write_text(yaml.safe_dump(json.loads(json.dumps(doc)), sort_keys=False))
             written.append(folder / name)
         log(f"[export] {d.sku.name}: {', '.join(str(folder / n) for n in docs)}")
     return written

@@ -51,6 +51,7 @@ from mlopt.package.serving import (
 )
 from mlopt.store import ARTIFACT_META, Store
 from mlopt.targets.catalog import load_catalog
+from mlopt.util import NAME_RULE, inside, is_safe_name
 
 RECORD = "images.json"
 SITE_PACKAGES = f"{IMAGE_ROOT}/site-packages"
@@ -153,6 +154,8 @@ def image_tag(template: str, d: Deployable) -> str:
         tag = template.format(model=d.model.name, version=d.entry.version, sku=d.sku.name, backend=d.backend)
     except (KeyError, IndexError, ValueError) as e:
         raise BadInput(f"--tag {template!r}: {e}; placeholders are {{model}} {{version}} {{sku}} {{backend}}") from None
+    if not is_safe_name(tag):  # a tag is also a folder name (context/<tag>)
+        raise BadInput(f"{d.slug}: image tag {tag!r} must be {NAME_RULE}", hint="fix --tag or the model name")
     return check_tag(tag, f"{d.slug}")
 
 
@@ -160,7 +163,7 @@ def _build_one(d: Deployable, tag: str, layout: Layout, base: BaseImage, options
     from mlopt.package.context import write_context
 
     labels = image_labels(d, base)
-    context = write_context(d, base, options.out / "context" / tag, options, labels)
+    context = write_context(d, base, inside(options.out, "context", tag), options, labels)
     if options.builder == "builtin":
         desc = assemble(d, base, layout, options, labels)
         layout.tag(tag, desc)
@@ -203,7 +206,7 @@ def assemble(d: Deployable, base: BaseImage, layout: Layout, options: ImageOptio
 
 def artifact_files(d: Deployable) -> list[FileEntry]:
     """The artifact's files (streamed from the store) and its artifact.json."""
-    files = [FileEntry(f"{MODEL_DIR}/{rel}", source=d.artifact.path / rel) for rel in sorted(d.artifact.meta["files"])]
+    files = [FileEntry(f"{MODEL_DIR}/{rel}", source=inside(d.artifact.path, rel)) for rel in sorted(d.artifact.meta["files"])]
     return files + [FileEntry(f"{MODEL_DIR}/{ARTIFACT_META}", source=d.artifact.path / ARTIFACT_META)]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from mlopt.errors import BackendUnavailable, BadInput
 from mlopt.package.onnxio import TensorDecl, graph_io
+from mlopt.util import inside
 from mlopt.package.serving import (
     ENGINE_CACHE,
     BatchPlan,
@@ -253,7 +254,7 @@ def write_repository(d: Deployable, out: Path, options: ServingOptions) -> Path:
     where the file system allows, else copies); returns the model folder."""
     from mlopt.package import entry
 
-    folder = out / d.model.name
+    folder = inside(out, d.model.name)
     version = folder / "1"
     version.mkdir(parents=True, exist_ok=True)
     (folder / "config.pbtxt").write_text(config_text(d, options))
@@ -261,7 +262,7 @@ def write_repository(d: Deployable, out: Path, options: ServingOptions) -> Path:
         _link_or_copy(src, version / src.name)
     extra = python_backend_files(d, options)
     for name, data in extra.items():
-        (version / name).write_bytes(data)
+        inside(version, name).write_bytes(data)
     if extra:
         from mlopt.runtime import isa
 

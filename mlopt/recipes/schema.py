@@ -7,17 +7,24 @@ meaning; new optional fields keep the version.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mlopt.util import NAME_RULE, is_safe_name
+
 RECIPE_SCHEMA_VERSION = 1
 
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint64", "uint32",
           "uint16", "uint8", "bool")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _safe_name(value: str, what: str) -> str:
+    """The one name rule (``mlopt.util.NAME_PATTERN``): a name becomes a path or a tag, so never '..' or '/'."""
+    if not is_safe_name(value):
+        raise ValueError(f"{what} {value!r} must be {NAME_RULE}, and not '.' or '..'")
+    return value
 
 
 class Strict(BaseModel):
@@ -72,6 +79,11 @@ class ModelSource(Strict):
     opset: int = Field(18, ge=17, le=23, description="ONNX opset for PyTorch exports.")
     batch_axis: str = Field("batch", description="The dynamic axis that benchmark batch sizes bind to.")
     export_atol: float = Field(1e-4, gt=0, description="Tolerance of the export check against the PyTorch module.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return v if v is None else _safe_name(v, "model.name")
 
     @property
     def kind(self) -> Literal["onnx", "pt2", "torch"]:
@@ -348,9 +360,9 @@ def _check_tag_template(template: str) -> None:
         sample = template.format(model="model", version=1, sku="sku", backend="backend")
     except (KeyError, IndexError, ValueError) as e:
         raise ValueError(f"tag {template!r}: {e}; placeholders are {{model}} {{version}} {{sku}} {{backend}}") from None
-    if not TAG.match(sample):
+    if not TAG.match(sample) or not is_safe_name(sample):
         raise ValueError(f"tag {template!r} does not make a valid image tag (1-128 letters, digits, '_', '.' or '-', "
-                         "not starting with '.' or '-')")
+                         "starting with a letter or digit)")
 
 
 class ServingSettings(Strict):
@@ -428,9 +440,7 @@ class Recipe(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("name must be letters, digits, '.', '_' or '-' (up to 128), starting with a letter or digit")
-        return v
+        return _safe_name(v, "name")
 
     @field_validator("targets")
     @classmethod

@@ -14,7 +14,7 @@ import difflib
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -68,11 +68,15 @@ class Device(Strict):
     pci_ids: list[str] = Field(default_factory=list, description="PCI vendor:device ids, e.g. '10de:2330'.")
 
 
+SKU_NAME = r"^[a-z0-9][a-z0-9._-]{0,127}$"  # mlopt.util.NAME_PATTERN, lower-case
+
+
 class SKU(Strict):
     """One hardware target in a fleet."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    aliases: list[str] = Field(default_factory=list, description="Other names `--target` accepts.")
+    name: str = Field(pattern=SKU_NAME, description="Lower-case; it becomes paths and image tags.")
+    aliases: list[Annotated[str, Field(pattern=SKU_NAME)]] = Field(
+        default_factory=list, description="Other names `--target` accepts.")
     description: str = ""
     vendor: Literal["intel", "amd", "nvidia", "arm", "generic"]
     kind: Literal["cpu", "gpu"]
