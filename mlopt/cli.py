@@ -7,6 +7,7 @@ ONNX Runtime) are imported inside commands, so ``mlopt --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import sys
 import traceback
@@ -48,21 +49,36 @@ def guarded(fn: Callable[[], Any]) -> Any:
     """Run ``fn``; turn errors into one message and the documented exit code."""
     try:
         return fn()
-    except MloptError as e:
-        if STATE["debug"]:
-            traceback.print_exc()
-        err.print(f"[bold red]error:[/] {e.message}", highlight=False)
-        if e.hint:
-            err.print(f"[yellow]hint:[/] {e.hint}", highlight=False)
-        raise typer.Exit(e.exit_code)
     except (typer.Exit, typer.Abort):
         raise
-    except Exception as e:  # an unexpected failure: one line, the traceback with --debug
-        if STATE["debug"]:
-            traceback.print_exc()
-        err.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {e}", highlight=False)
-        err.print("[yellow]hint:[/] run again with --debug for the traceback", highlight=False)
-        raise typer.Exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: store writes are atomic (temp folder, then rename), so none is half-done
+        _debug_traceback()
+        err.print("interrupted", highlight=False)
+        raise typer.Exit(130)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            _fail(f"unexpected {type(e).__name__}: {e}", "run again with --debug for the traceback", 1)
+        from mlopt.errors import disk_full
+
+        full = disk_full(e)  # a full disk is the user's to fix, wherever the write was
+        _fail(full.message, full.hint, full.exit_code)
+    except MloptError as e:
+        _fail(e.message, e.hint, e.exit_code)
+    except Exception as e:  # an unexpected failure (a bug): one line, the traceback with --debug
+        _fail(f"unexpected {type(e).__name__}: {e}", "run again with --debug for the traceback", 1)
+
+
+def _debug_traceback() -> None:
+    if STATE["debug"]:
+        traceback.print_exc()
+
+
+def _fail(message: str, hint: str | None, code: int) -> None:
+    _debug_traceback()
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    if hint:
+        err.print(f"[yellow]hint:[/] {hint}", highlight=False)
+    raise typer.Exit(code)
 
 
 # ------------------------------------------------------------------ compile

@@ -45,6 +45,18 @@ class StoreError(BadInput):
     """The artifact store cannot be used (not writable, corrupt index, digest mismatch)."""
 
 
+def disk_full(e: OSError) -> StoreError:
+    """A StoreError for ENOSPC naming the path written and the space left on its file system."""
+    import shutil
+    from pathlib import Path
+
+    path = Path(e.filename or ".")
+    probe = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    return StoreError(f"no space left on the device writing {path} ({free / 2**20:.0f} MiB free there)",
+                      hint="free some space (`mlopt artifacts gc` removes unreferenced objects) or use another --store")
+
+
 class AccuracyError(MloptError):
     """A result broke the accuracy budget or failed numeric validation."""
 

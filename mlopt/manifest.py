@@ -325,11 +325,18 @@ def validate_manifest(data: dict[str, Any]) -> None:
 
 def read_manifest(path: Path) -> Manifest:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInput(f"manifest {path} does not exist") from None
+    except IsADirectoryError:
+        raise BadInput(f"manifest {path} is a folder", hint="give the manifest.json file inside it") from None
+    except UnicodeDecodeError as e:
+        raise BadInput(f"manifest {path} is not JSON: byte {e.object[e.start]:#04x} at offset {e.start} is not "
+                       "UTF-8", hint="give a manifest.json written by mlopt compile") from None
     except json.JSONDecodeError as e:
-        raise BadInput(f"manifest {path} is not JSON: {e}") from None
+        raise BadInput(f"manifest {path} is not JSON: {e}", hint="give a manifest.json written by mlopt compile") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"manifest {path} is not a manifest (a JSON {type(data).__name__}, not an object)")
     validate_manifest(data)
     try:
         return Manifest.model_validate(data)

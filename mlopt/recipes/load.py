@@ -17,9 +17,14 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     """Read a recipe file, apply ``overrides`` (dotted-free nested dict), resolve relative paths."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"recipe {path} does not exist") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe {path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})",
+                          hint="save the recipe as UTF-8 YAML") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
