@@ -99,10 +99,32 @@ def read_onnx(path: Path, declared: list[InputSpec], name: str) -> Model:
             f"{path} is not a valid ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
             hint="the file may be truncated or corrupt; export it again",
         ) from None
+    _check_opsets(proto, path)
     found = graph_inputs(proto)
     inputs = _match_signature(found, declared, path) if declared else found
     outputs = tuple(o.name for o in proto.graph.output)
     return Model(name=name, onnx_path=path, inputs=tuple(inputs), outputs=outputs, digest=file_digest(path))
+
+
+# Domains whose operators ONNX Runtime registers besides ONNX's own (the default and ai.onnx.ml).
+RUNTIME_DOMAINS = {"com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc", "ai.onnx.preview.training"}
+
+
+def _check_opsets(proto: Any, path: Path) -> None:
+    """Refuse an opset newer than the installed onnx knows, and an operator in a domain nothing registers
+    (ONNX Runtime would fail later with several lines of C++ internals)."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    for op in proto.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version > newest:
+            raise ModelLoadError(f"{path.name} uses ONNX opset {op.version}; the newest this onnx {onnx.__version__} "
+                                 f"knows is {newest}", hint="export the model again with a lower opset_version")
+    known = {"", "ai.onnx", "ai.onnx.ml", *RUNTIME_DOMAINS, *(f.domain for f in proto.functions)}
+    unknown = sorted({f"{n.domain}:{n.op_type}" for n in proto.graph.node if n.domain not in known})
+    if unknown:
+        raise ModelLoadError(f"{path.name} has operators in a domain no backend registers: {', '.join(unknown[:5])}",
+                             hint="export the model with standard ONNX operators, or inline the custom ones")
 
 
 def graph_inputs(proto: Any) -> list[InputSpec]:
@@ -169,7 +191,12 @@ def torch_loader(src: ModelSource) -> Callable[[], Any]:
 
         if src.kind == "pt2":
             return _load_pt2(Path(src.source)).module()
-        module = load_callable(src.source, "model factory")()
+        factory = load_callable(src.source, "model factory")
+        try:
+            module = factory()
+        except Exception as e:
+            raise ModelLoadError(f"model factory {src.source!r} raised {_cause(e)}",
+                                 hint="run the factory on its own to fix it; --debug shows the traceback") from e
         if not isinstance(module, torch.nn.Module):
             raise ModelLoadError(f"model factory {src.source!r} returned {type(module).__name__}, not an nn.Module")
         if src.checkpoint:
@@ -216,14 +243,37 @@ def export_torch(src: ModelSource, module: Any, out: Path, name: str, sample: di
     import torch
 
     args = tuple(torch.from_numpy(sample[i.name]) for i in src.inputs)
-    with torch.no_grad():
-        ref = _as_list(module(*args))
+    ref = _reference_outputs(src, module, args)
     outputs = [f"output{k}" if len(ref) > 1 else "output" for k in range(len(ref))]
     _run_exporter(src, module, args, out, outputs)
     model = read_onnx(out, list(src.inputs), name)
     got = run_onnx(out, sample)
     check_close(dict(zip(outputs, [r.numpy() for r in ref])), got, src.export_atol, 1e-3, "ONNX export")
     return model
+
+
+def _reference_outputs(src: ModelSource, module: Any, args: tuple) -> list[Any]:
+    """The module's outputs on the sample: a clear error when it cannot run on the declared signature."""
+    import torch
+
+    signature = ", ".join(f"{i.name}: {i.dtype}{list(i.shape)}" for i in src.inputs)
+    try:
+        with torch.no_grad():
+            ref = _as_list(module(*args))
+    except Exception as e:
+        raise ModelLoadError(f"{src.source} fails on the declared inputs ({signature}): {_cause(e)}",
+                             hint="declare the dtypes and shapes the module takes (model.inputs or --input)") from e
+    bad = [type(r).__name__ for r in ref if not isinstance(r, torch.Tensor)]
+    if bad:
+        raise ModelLoadError(f"{src.source}: forward returned {', '.join(bad)}, not tensors",
+                             hint="forward must return a tensor, or a tuple or dict of tensors")
+    return ref
+
+
+def _cause(e: BaseException) -> str:
+    """A third-party exception summarised to one line: its type and the first line of its message."""
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _run_exporter(src: ModelSource, module: Any, args: tuple, out: Path, outputs: list[str]) -> None:

@@ -20,6 +20,17 @@ from mlopt.errors import BackendUnavailable
 from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
 from mlopt.targets.catalog import SKU
 
+_ORT_NOISE = (re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : "), re.compile(r"Load model from \S+ failed:"),
+              re.compile(r"(/onnxruntime_src/)?\S+\.(h|cc|cpp):\d+ [^\n]*?\) "), re.compile(r"Fatal error: "))
+
+
+def ort_cause(e: Exception) -> str:
+    """ONNX Runtime's error text (error code, model path, C++ file and signature) summarised to its cause."""
+    text = " ".join(str(e).split())
+    for noise in _ORT_NOISE:
+        text = noise.sub("", text)
+    return text.strip()[:200] or type(e).__name__
+
 SESSION_FILE = "session.json"
 ENGINE_CACHE = "/var/cache/mlopt"  # a volume in the serving container: engines survive restarts
 EXTRAS = {"TensorrtExecutionProvider": "onnxruntime-gpu", "CUDAExecutionProvider": "onnxruntime-gpu",
@@ -117,7 +128,7 @@ class OrtBackend(Backend):
         try:
             ort.InferenceSession(str(req.model.onnx_path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise BackendUnavailable(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0][:300]}") from None
+            raise BackendUnavailable(f"ONNX Runtime cannot load the model: {ort_cause(e)}") from None
         model_precision = req.model.precision
         int8 = model_precision == "int8"
         session = {
