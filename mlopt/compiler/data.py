@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from mlopt.compiler.ingest import load_callable
-from mlopt.errors import BadInput
+from mlopt.errors import AccuracyError, BadInput
 from mlopt.recipes.schema import DataSource, Evaluation, InputSpec
 
 
@@ -58,11 +58,24 @@ def _npz_batches(src: DataSource) -> Iterable[dict[str, np.ndarray]]:
 
 
 def _fn_batches(src: DataSource) -> Iterable[dict[str, np.ndarray]]:
+    """The user's function's batches; it runs here, so its failures (at the call or midway) are bad input."""
     fn = load_callable(src.source, "data source")
     try:
-        return fn()
+        batches = fn()
+        if batches is None or isinstance(batches, (str, bytes, dict)) or not hasattr(batches, "__iter__"):
+            raise BadInput(f"data source {src.source} returned {type(batches).__name__}",
+                           hint="return (or yield) an iterable of dicts of arrays, one dict per batch")
+        yield from batches
+    except BadInput:
+        raise
     except Exception as e:
-        raise BadInput(f"data source {src.source} failed: {type(e).__name__}: {e}") from None
+        raise BadInput(f"data source {src.source} failed: {_cause(e)}",
+                       hint="run the function on its own to fix it; --debug shows the traceback") from e
+
+
+def _cause(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _split(batch: Any, specs: list[InputSpec], where: str, k: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -71,14 +84,31 @@ def _split(batch: Any, specs: list[InputSpec], where: str, k: int) -> tuple[dict
     missing = [s.name for s in specs if s.name not in batch]
     if missing:
         raise BadInput(f"data source {where}: batch {k} lacks inputs {missing} (it has {sorted(batch)})")
-    feed = {}
-    for s in specs:
-        arr = np.ascontiguousarray(np.asarray(batch[s.name]), dtype=s.dtype if s.dtype != "bfloat16" else np.float32)
-        if arr.ndim != len(s.shape) or any(isinstance(d, int) and d != n for d, n in zip(s.shape, arr.shape)):
-            raise BadInput(f"data source {where}: batch {k} input {s.name!r} has shape {arr.shape}, signature is {s.shape}")
-        feed[s.name] = arr
+    feed = {s.name: _array(batch[s.name], s, where, k) for s in specs}
     labels = batch.get("labels")
-    return feed, (np.asarray(labels) if labels is not None else None)
+    if labels is None:
+        return feed, None
+    labels, rows = np.asarray(labels), len(next(iter(feed.values())))
+    if labels.ndim == 0 or len(labels) != rows:
+        raise BadInput(f"data source {where}: batch {k} has {labels.size if labels.ndim == 0 else len(labels)} "
+                       f"labels for {rows} rows", hint="yield one label per row of the batch")
+    return feed, labels
+
+
+def _array(value: Any, s: InputSpec, where: str, k: int) -> np.ndarray:
+    """One input of one batch as a contiguous array of the signature's dtype, finite and of the right shape."""
+    dtype = s.dtype if s.dtype != "bfloat16" else np.float32
+    try:
+        arr = np.ascontiguousarray(np.asarray(value), dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"data source {where}: batch {k} input {s.name!r} cannot be read as {s.dtype} ({_cause(e)})",
+                       hint="yield numeric arrays") from None
+    if arr.ndim != len(s.shape) or any(isinstance(d, int) and d != n for d, n in zip(s.shape, arr.shape)):
+        raise BadInput(f"data source {where}: batch {k} input {s.name!r} has shape {arr.shape}, signature is {s.shape}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BadInput(f"bad data: data source {where}, batch {k} input {s.name!r} holds NaN or inf",
+                       hint="clean the data (np.nan_to_num, or drop those rows)")
+    return arr
 
 
 def _digest(feeds: list[dict[str, np.ndarray]], labels: np.ndarray | None) -> str:
@@ -112,8 +142,23 @@ def score(ev: Evaluation, outputs: Outputs, labels: np.ndarray | None, reference
         return float(np.mean(_first(outputs).argmax(-1) == _first(_need(reference)).argmax(-1)))
     if ev.metric == "cosine":
         return _cosine(_first(outputs), _first(_need(reference)))
-    fn: Callable[..., float] = load_callable(ev.metric, "metric")
-    return float(fn(outputs, labels))
+    return _custom_metric(ev.metric, outputs, labels)
+
+
+def _custom_metric(spec: str, outputs: Outputs, labels: np.ndarray | None) -> float:
+    """A user's metric function: its failures and non-numbers are bad input; NaN is an accuracy failure."""
+    fn: Callable[..., float] = load_callable(spec, "metric")
+    try:
+        value = fn(outputs, labels)
+    except Exception as e:
+        raise BadInput(f"metric {spec} failed: {_cause(e)}",
+                       hint="run the metric on its own to fix it; --debug shows the traceback") from e
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise BadInput(f"metric {spec} returned {type(value).__name__}, not a number", hint="return a float")
+    if not np.isfinite(value):
+        raise AccuracyError(f"metric returned {'NaN' if np.isnan(value) else value}: {spec}",
+                            hint="check the model's outputs and the metric on the evaluation data")
+    return float(value)
 
 
 def _first(outputs: Outputs) -> np.ndarray:

@@ -53,6 +53,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
         model, _ = _ingest(run)
     run.inputs = model.inputs
     _check_dims(recipe, model)
+    _check_batch_memory(recipe, model)
     with run.stage("reference"):
         reference = _reference(run, model)
     with run.stage("passes"):
@@ -143,6 +144,42 @@ def _check_dims(recipe: Recipe, model: Model) -> None:
             f"the model has dynamic axes {missing} besides the batch axis {recipe.model.batch_axis!r}",
             hint="give their sizes in benchmark.dims (for example dims: {seq: 128}) or set model.batch_axis",
         )
+
+
+def _check_batch_memory(recipe: Recipe, model: Model) -> None:
+    """Refuse a benchmark batch whose inputs alone outgrow this machine's memory, before any work starts."""
+    plan = recipe.benchmark
+    batch = max(plan.batch_sizes)
+    one = {**plan.dims, recipe.model.batch_axis: 1}
+    per_sample = sum(int(np.prod(i.concrete(one))) * np.dtype(i.dtype if i.dtype != "bfloat16" else "float32").itemsize
+                     for i in model.inputs)
+    memory = machine_memory()
+    if memory and per_sample * batch > memory:
+        raise BadInput(
+            f"benchmark batch size {batch} needs about {_gib(per_sample * batch)} of inputs ({per_sample} bytes a "
+            f"sample x {batch}), more than this machine's memory ({_gib(memory)})",
+            hint=f"use benchmark.batch_sizes (or --batch-sizes) of at most {max(1, memory // max(per_sample, 1))}",
+        )
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory: MemAvailable from /proc/meminfo, else physical pages from os.sysconf; None if unknown."""
+    import os
+
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 # ------------------------------------------------------------------ ingest and reference
