@@ -16,6 +16,7 @@ target, backend); its files are checked against their recorded sha256 on every r
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mlopt import hostlock
-from mlopt.errors import StoreError, UnknownName
+from mlopt.errors import StoreError, UnknownName, disk_full
 
 ARTIFACT_META = "artifact.json"
 STEP_META = "meta.json"
@@ -78,6 +79,8 @@ class Store:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise disk_full(e) from None
             raise StoreError(
                 f"artifact store {self.root} is not writable ({e.strerror or e})",
                 hint="pass --store DIR (or set MLOPT_STORE) to a folder you can write",

@@ -159,3 +159,21 @@ def test_disk_full_names_path_and_free_space(tmp_path: Path) -> None:
                                   "--out", str(tmp_path / "out"), *FAST])
     _check(res, 2, "free", tmp_path / "store")
     assert str(tmp_path / "store") in res.output.replace("\n", "")
+
+
+def _disk_full(tmp: Path) -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device", str(tmp / "store" / "tmp" / "model.onnx"))
+
+
+@pytest.mark.parametrize("where", ["mlopt.targets.ort.OrtBackend.build", "mlopt.store.Store._check_writable"])
+def test_disk_full_in_a_build_or_the_store_stops_with_exit_2(tmp_path: Path, where: str) -> None:
+    with mock.patch(where, side_effect=_disk_full(tmp_path)):
+        res = runner.invoke(app, ["compile", str(tiny_onnx(tmp_path / "m.onnx")), "--store", str(tmp_path / "store"),
+                                  "--out", str(tmp_path / "out"), *FAST])
+    _check(res, 2, "MiB free", tmp_path / "store")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_bytes(b"\xff\xfe")
+    res = runner.invoke(app, ["--debug", "compile", str(tmp_path / "r.yaml")])
+    assert res.exit_code == 2 and "Traceback" in res.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +13,7 @@ from mlopt.compiler import ingest
 from mlopt.compiler.measure import MEMORY_METHOD, measure, peak_memory
 from mlopt.compiler.model import Model
 from mlopt.compiler.run import Run, evaluate, geomean
-from mlopt.errors import MloptError, ValidationMismatch
+from mlopt.errors import MloptError, ValidationMismatch, disk_full
 from mlopt.store import key_of
 from mlopt.targets import detect
 from mlopt.targets.backends import Backend, BuildRequest, get_backend
@@ -82,6 +83,8 @@ def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int,
         run.log(f"[{sku.name}] {backend.name}: failed: {e}")
         return {**cand, "status": "failed", "reason": str(e)}
     except Exception as e:  # a compiler's own error (TVM, ORT): recorded per candidate, others go on
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise disk_full(e) from e  # a full disk would fail every candidate after this one: stop here
         run.log(f"[{sku.name}] {backend.name}: failed: {type(e).__name__}: {e}")
         return {**cand, "status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
     run.store.link(run.recipe.model_name, version, art.key)
