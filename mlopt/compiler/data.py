@@ -153,12 +153,23 @@ def _custom_metric(spec: str, outputs: Outputs, labels: np.ndarray | None) -> fl
     except Exception as e:
         raise BadInput(f"metric {spec} failed: {_cause(e)}",
                        hint="run the metric on its own to fix it; --debug shows the traceback") from e
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    number = _number(value)
+    if number is None:
         raise BadInput(f"metric {spec} returned {type(value).__name__}, not a number", hint="return a float")
-    if not np.isfinite(value):
-        raise AccuracyError(f"metric returned {'NaN' if np.isnan(value) else value}: {spec}",
+    if not np.isfinite(number):
+        raise AccuracyError(f"metric returned {'NaN' if np.isnan(number) else number}: {spec}",
                             hint="check the model's outputs and the metric on the evaluation data")
-    return float(value)
+    return number
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float (a Python or numpy scalar, a 0-d array); None for text, booleans and the rest."""
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _first(outputs: Outputs) -> np.ndarray:
