@@ -58,6 +58,15 @@ def _eval(tmp: Path, data_body: str, metric: str = "top1-agreement", fn: str = "
             metric if ":" in metric or metric in ("accuracy", "top1-agreement") else f"{src}:{metric}"]
 
 
+def _eval_npz(tmp: Path) -> list[str]:
+    import numpy as np
+
+    x = np.zeros((4, 4), np.float32)
+    x[2, 1] = np.nan
+    np.savez(tmp / "eval.npz", x=x)
+    return [str(tiny_onnx(tmp / "m.onnx")), "--eval-data", str(tmp / "eval.npz")]
+
+
 def _calib(tmp: Path, data_body: str) -> list[str]:
     return [str(tiny_onnx(tmp / "m.onnx")), "--calib-data", f"{_data_file(tmp, data_body)}:batches",
             "--pass", "quantize"]
@@ -102,6 +111,7 @@ COMPILE_CASES: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
      2, "bad data"),
     ("calib-data-inf", lambda t: _calib(t, "def batches():\n    yield {'x': np.full((4, 4), np.inf, 'float32')}\n"),
      2, "bad data"),
+    ("eval-npz-nan", lambda t: _eval_npz(t), 2, "bad data"),
     ("batch-size-too-big", _recipe_huge_batch, 2, "memory"),
 ]
 
