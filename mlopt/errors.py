@@ -3,7 +3,7 @@
 Exit codes (documented in the README and ``mlopt --help``):
   0 ok, 1 other failure, 2 bad input, 3 accuracy or validation failure,
   4 backend or toolchain unavailable, 5 container registry or base image failure,
-  6 a CI gate against the baseline failed.
+  6 a CI gate against the baseline failed, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -107,9 +107,10 @@ class GateFailed(MloptError):
 EXIT_CODES = {
     0: "success",
     1: "other failure",
-    2: "bad input (recipe, model file, signature, unknown name, unusable store)",
+    2: "bad input (recipe, model file, signature, data source or metric, unknown name, unusable store or full disk)",
     3: "accuracy budget broken or numeric validation failed",
     4: "backend, toolchain or device unavailable",
     5: "container registry or base image failure (unreachable, credentials refused, image missing, upload rejected)",
     6: "a CI gate against the baseline failed (latency regression, accuracy drop or size growth over its limit)",
+    130: "interrupted (Ctrl-C)",
 }
