@@ -187,3 +187,16 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_bytes(b"\xff\xfe")
     res = runner.invoke(app, ["--debug", "compile", str(tmp_path / "r.yaml")])
     assert res.exit_code == 2 and "Traceback" in res.output
+
+
+def test_onnx_runtime_errors_are_summarised_to_their_cause() -> None:
+    from mlopt.targets.ort import ort_cause
+
+    raw = ("[ONNXRuntimeError] : 1 : FAIL : Load model from /tmp/x/m.onnx failed:/onnxruntime_src/onnxruntime/core/"
+           "graph/model_load_utils.h:46 void onnxruntime::model_load_utils::ValidateOpsetForDomain(const std::"
+           "unordered_map<std::string, int>&, bool) ONNX Runtime only *guarantees* support for models stamped with "
+           "official released onnx opset versions. Opset 99 is under development")
+    assert ort_cause(Exception(raw)).startswith("ONNX Runtime only *guarantees*")
+    raw = ("[ONNXRuntimeError] : 1 : FAIL : Load model from /tmp/x/m.onnx failed:Fatal error: "
+           "com.example:Frobnicate(-1) is not a registered function/op")
+    assert ort_cause(Exception(raw)) == "com.example:Frobnicate(-1) is not a registered function/op"
