@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlopt.errors import EXIT_CODES, MloptError, RecipeError
+from mlopt.core.errors import EXIT_CODES, MloptError, RecipeError
 
 EPILOG = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + "."
 app = typer.Typer(help="Compile PyTorch and ONNX models into measured, versioned builds for every SKU.",
@@ -58,7 +58,7 @@ def guarded(fn: Callable[[], Any]) -> Any:
     except OSError as e:
         if e.errno != errno.ENOSPC:
             _fail(f"unexpected {type(e).__name__}: {e}", "run again with --debug for the traceback", 1)
-        from mlopt.errors import disk_full
+        from mlopt.core.errors import disk_full
 
         full = disk_full(e)  # a full disk is the user's to fix, wherever the write was
         _fail(full.message, full.hint, full.exit_code)
@@ -133,7 +133,7 @@ def compile_overrides(**f: Any) -> dict[str, Any]:
         data["calibration"] = {"source": resolve_source(f["calib_data"], Path.cwd())}
     if data:
         o["data"] = data
-    from mlopt.package.refs import absolute_oci
+    from mlopt.core.refs import absolute_oci
 
     image = {k: v for k, v in (("push", f["push"] or None), ("registry", f["registry"]),
                                 ("base_image", absolute_oci(f["base_image"]))) if v is not None}
@@ -181,7 +181,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def make_recipe(source: str, overrides: dict[str, Any]) -> Any:
     from mlopt.recipes import load_recipe, recipe_from_dict
-    from mlopt.recipes.load import deep_merge
+    from mlopt.core.files import deep_merge
 
     if source.endswith((".yaml", ".yml")):
         return load_recipe(source, overrides)
@@ -256,7 +256,7 @@ def compile_cmd(
             return 0
         from mlopt.compiler.pipeline import build
         from mlopt.store import Store
-        from mlopt.util import stdout_to_stderr
+        from mlopt.core.util import stdout_to_stderr
 
         st = Store(recipe.store)
         console = err if as_json else out  # with --json, stdout carries only the manifest
@@ -346,7 +346,7 @@ def diff_cmd(
 
     def go() -> None:
         from mlopt.diff import default_limits, diff_manifests, diff_table, to_markdown
-        from mlopt.errors import GateFailed
+        from mlopt.core.errors import GateFailed
         from mlopt.gates import load_manifest_ref
         from mlopt.manifest import GateLimits
 
@@ -405,7 +405,7 @@ def build_matrix_cmd(
         from mlopt.matrix import run_matrix
         from mlopt.matrix.progress import MatrixView, summary_table
         from mlopt.matrix.tasks import make_config
-        from mlopt.util import stdout_to_stderr
+        from mlopt.core.util import stdout_to_stderr
 
         skus = None if not targets else "all" if targets.strip() == "all" else \
             [t.strip() for t in targets.split(",") if t.strip()]

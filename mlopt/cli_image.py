@@ -44,7 +44,7 @@ def _settings(recipe: Optional[Path], image: dict[str, Any], serving: dict[str, 
     """(image settings, serving settings, catalog): a recipe's sections with the given flags over them."""
     from pydantic import ValidationError
 
-    from mlopt.errors import RecipeError
+    from mlopt.core.errors import RecipeError
     from mlopt.recipes import load_recipe
     from mlopt.recipes.schema import ImageSettings, ServingSettings
 
@@ -81,7 +81,7 @@ def image_build(
     def go() -> None:
         from mlopt.package.image import build_images
         from mlopt.package.publish import image_options
-        from mlopt.package.refs import absolute_oci
+        from mlopt.core.refs import absolute_oci
         from mlopt.store import Store
 
         img, srv, cat = _settings(recipe, {"base_image": absolute_oci(base_image), "tag": tag, "builder": builder,

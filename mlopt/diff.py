@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from rich.table import Table
 
+from mlopt.core.spec import Record
 from mlopt.gates import compare
 from mlopt.manifest import Entry, GateCheck, GateLimits, GateReport, Manifest
 
@@ -21,18 +22,14 @@ VERDICT_MARK = {"pass": "pass", "fail": "FAIL", "inconclusive": "inconclusive", 
 MD_MARK = {"pass": "✅", "fail": "❌", "inconclusive": "⚠️", "not-measured": "–", "warn": "⚠️"}
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Pair(Strict):
+class Pair(Record):
     """A figure in the baseline (old) and in the new manifest (new); null where absent."""
 
     old: float | str | None = None
     new: float | str | None = None
 
 
-class ManifestInfo(Strict):
+class ManifestInfo(Record):
     source: str = Field(description="Path or URL the manifest was read from.")
     created: str
     mlopt_version: str
@@ -40,7 +37,7 @@ class ManifestInfo(Strict):
     models: dict[str, int] = Field(description="Model name -> version in the store.")
 
 
-class SkuDiff(Strict):
+class SkuDiff(Record):
     model: str
     sku: str
     presence: Literal["both", "added", "removed"]
@@ -57,7 +54,7 @@ class SkuDiff(Strict):
     warnings: list[str]
 
 
-class ManifestDiff(Strict):
+class ManifestDiff(Record):
     format: Literal["mlopt-diff/1"] = DIFF_FORMAT
     old: ManifestInfo
     new: ManifestInfo

@@ -50,7 +50,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
 from mlopt.manifest import (BatchFigures, Entry, GateCheck, GateLimits, GateReport, Manifest, Measurement, SkuGates,
                             validate_manifest)
 

@@ -10,25 +10,20 @@ is absent (null), never estimated.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from mlopt.errors import BadInput
-from mlopt.recipes.schema import InputSpec
+from mlopt.core.errors import BadInput
+from mlopt.core.files import write_json
+from mlopt.core.spec import InputSpec, Record
 
 MANIFEST_SCHEMA_VERSION = "1.3"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "manifest.schema.json"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Host(Strict):
+class Host(Record):
     machine: str = Field(description="CPU architecture (uname -m).")
     cpu: str = Field(description="CPU model name.")
     cores: int | None = Field(description="Logical CPUs of the machine.")
@@ -40,14 +35,14 @@ class Host(Strict):
                                                              "relied on (schema 1.3).")
 
 
-class Provenance(Strict):
+class Provenance(Record):
     host: Host = Field(description="The machine the figures were measured on.")
     libraries: dict[str, str] = Field(description="Versions of the runtime libraries that ran the build.")
     measured_at: str = Field(description="UTC time of the measurement.")
     threads: int = Field(description="Intra-op threads used.")
 
 
-class BatchFigures(Strict):
+class BatchFigures(Record):
     batch_size: int
     runs: int = Field(description="Timed runs (after warm-up).")
     p50_ms: float
@@ -60,7 +55,7 @@ class BatchFigures(Strict):
     noisy: bool = Field(description="spread above 0.10: treat the figures with care.")
 
 
-class Accuracy(Strict):
+class Accuracy(Record):
     metric: str
     value: float = Field(description="Metric of this build on the evaluation data.")
     reference: float = Field(description="Metric of the original model on the same data.")
@@ -68,7 +63,7 @@ class Accuracy(Strict):
     within_budget: bool
 
 
-class Measurement(Strict):
+class Measurement(Record):
     provenance: Provenance
     batches: list[BatchFigures]
     peak_memory_bytes: int | None = Field(description="Peak resident memory growth to load and run the build.")
@@ -77,7 +72,7 @@ class Measurement(Strict):
     accuracy: Accuracy | None = Field(description="Absent when the recipe has no evaluation data.")
 
 
-class Validation(Strict):
+class Validation(Record):
     status: Literal["passed", "failed", "not-run"]
     max_abs_diff: float | None = None
     atol: float | None = None
@@ -85,7 +80,7 @@ class Validation(Strict):
     reason: str = ""
 
 
-class ArtifactRef(Strict):
+class ArtifactRef(Record):
     key: str = Field(description="Content address: sha256 of everything that made the artifact.")
     content_digest: str = Field(description="sha256 over the artifact's file digests.")
     path: str = Field(description="Folder of the artifact in the store.")
@@ -93,7 +88,7 @@ class ArtifactRef(Strict):
     files: list[str]
 
 
-class Candidate(Strict):
+class Candidate(Record):
     backend: str
     status: Literal["built", "failed", "unavailable"]
     compiled: Literal["here", "cross", "on-device"] | None = Field(
@@ -111,7 +106,7 @@ class Candidate(Strict):
     details: dict[str, Any] = Field(default_factory=dict, description="Backend-specific facts (tuning, target).")
 
 
-class Cost(Strict):
+class Cost(Record):
     usd_per_million: float = Field(description="price_per_hour / (throughput_per_s * 3600) * 1e6.")
     usd_per_hour: float
     throughput_per_s: float
@@ -120,7 +115,7 @@ class Cost(Strict):
     price_date: str
 
 
-class ImageRef(Strict):
+class ImageRecord(Record):
     """The OCI image of an entry's chosen build (written by `mlopt image build|push`, `compile --push`)."""
 
     tag: str
@@ -130,7 +125,7 @@ class ImageRef(Strict):
     pushed: list[str] = Field(default_factory=list, description="Registry references by digest it was pushed to.")
 
 
-class Entry(Strict):
+class Entry(Record):
     """One (model, SKU): the chosen build and every candidate tried."""
 
     model: str
@@ -144,13 +139,13 @@ class Entry(Strict):
     measurement: Measurement | None
     cost: Cost | None = Field(description="Absent unless the SKU has a price and its throughput was measured.")
     candidates: list[Candidate]
-    image: ImageRef | None = Field(None, description="The OCI image of the chosen build, once one is built.")
+    image: ImageRecord | None = Field(None, description="The OCI image of the chosen build, once one is built.")
     requested_as: Literal["host"] | None = Field(None, description="'host' when the recipe's target 'host' resolved "
                                                                    "to this SKU on the machine that ran mlopt "
                                                                    "(schema 1.3).")
 
 
-class PassReport(Strict):
+class PassReport(Record):
     name: str
     kind: str
     status: Literal["applied", "skipped", "rejected"]
@@ -163,13 +158,13 @@ class PassReport(Strict):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
-class ReferenceAccuracy(Strict):
+class ReferenceAccuracy(Record):
     metric: str
     value: float
     samples: int
 
 
-class ModelInfo(Strict):
+class ModelInfo(Record):
     name: str
     version: int
     source: str
@@ -181,12 +176,12 @@ class ModelInfo(Strict):
     passes: list[PassReport]
 
 
-class RecipeRef(Strict):
+class RecipeRef(Record):
     name: str
     digest: str = Field(description="sha256 of the resolved recipe.")
 
 
-class GateCheck(Strict):
+class GateCheck(Record):
     """One figure compared with the baseline's."""
 
     gate: Literal["latency", "throughput", "accuracy", "size"]
@@ -203,7 +198,7 @@ class GateCheck(Strict):
     reason: str = ""
 
 
-class SkuGates(Strict):
+class SkuGates(Record):
     """The gate checks of one (model, SKU) present in the baseline, the build, or both."""
 
     model: str
@@ -216,7 +211,7 @@ class SkuGates(Strict):
     warnings: list[str] = Field(default_factory=list)
 
 
-class GateLimits(Strict):
+class GateLimits(Record):
     """The thresholds the gates applied (null: that gate was off)."""
 
     latency_regression: float | None
@@ -227,7 +222,7 @@ class GateLimits(Strict):
     strict: bool
 
 
-class GateReport(Strict):
+class GateReport(Record):
     """This build compared with a baseline manifest (``mlopt compile --baseline``)."""
 
     baseline: str = Field(description="Path or URL of the baseline manifest.")
@@ -241,7 +236,7 @@ class GateReport(Strict):
     skus: list[SkuGates]
 
 
-class MatrixCell(Strict):
+class MatrixCell(Record):
     """One (recipe, SKU) task of a build matrix."""
 
     recipe: str
@@ -259,13 +254,13 @@ class MatrixCell(Strict):
     error: str | None = None
 
 
-class MatrixRecipe(Strict):
+class MatrixRecipe(Record):
     name: str
     path: str
     digest: str = Field(description="sha256 of the resolved recipe, its targets left out.")
 
 
-class MatrixReport(Strict):
+class MatrixReport(Record):
     """What `mlopt build-matrix` ran: every recipe for every SKU, one task each (schema 1.2)."""
 
     executor: Literal["local", "ray", "k8s"]
@@ -276,7 +271,7 @@ class MatrixReport(Strict):
     wall_seconds: float
 
 
-class Manifest(Strict):
+class Manifest(Record):
     schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = MANIFEST_SCHEMA_VERSION
     mlopt_version: str
     created: str
@@ -306,10 +301,7 @@ def write_manifest(manifest: Manifest, path: Path) -> None:
     """Validate against the shipped JSON Schema, then write atomically."""
     data = manifest.model_dump(mode="json")
     validate_manifest(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_json(path, data, sort_keys=False)
 
 
 def validate_manifest(data: dict[str, Any]) -> None:

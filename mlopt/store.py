@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mlopt import hostlock
-from mlopt.errors import StoreError, UnknownName, disk_full
+from mlopt.core import hostlock
+from mlopt.core.files import flock, fsync_dir, key_of, sha256_file, write_json
+from mlopt.core.errors import StoreError, UnknownName, disk_full
 
 ARTIFACT_META = "artifact.json"
 STEP_META = "meta.json"
@@ -37,19 +36,6 @@ STEP_META = "meta.json"
 
 def default_store_path() -> Path:
     return Path(os.environ.get("MLOPT_STORE") or Path.home() / ".cache" / "mlopt" / "store")
-
-
-def key_of(parts: Any) -> str:
-    """sha256 of a JSON-serialisable description."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -105,7 +91,7 @@ class Store:
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             return True
         except OSError:
             if dest.exists():
@@ -131,7 +117,7 @@ class Store:
                 work = tmp / "step"
                 work.mkdir()
                 meta = produce(work)
-                _write_json(work / STEP_META, meta)
+                write_json(work / STEP_META, meta)
                 with self.lock():
                     self._publish(work, dest)
         return dest, json.loads(meta_file.read_text()), False
@@ -146,7 +132,7 @@ class Store:
         dest = self.root / "cache" / kind / key
         with self.lock():
             dest.mkdir(parents=True, exist_ok=True)
-            _write_json(dest / STEP_META, meta)
+            write_json(dest / STEP_META, meta)
 
     # ------------------------------------------------------------ artifacts
     def get(self, key: str) -> Artifact | None:
@@ -163,7 +149,7 @@ class Store:
                  for p in sorted(files_dir.rglob("*")) if p.is_file()}
         content = key_of({k: v["sha256"] for k, v in files.items()})
         full = {**meta, "key": key, "files": files, "content_digest": content, "created": _now()}
-        _write_json(files_dir / ARTIFACT_META, full)
+        write_json(files_dir / ARTIFACT_META, full)
         with self.lock():
             self._publish(files_dir, self.root / "objects" / key)
             if version is not None:
@@ -233,7 +219,7 @@ class Store:
                     return int(v["version"])
             number = 1 + max((int(v["version"]) for v in versions), default=0)
             versions.append({"version": number, "key": version_key, "created": _now(), "artifacts": [], **info})
-            _write_json(self.root / "index.json", index)
+            write_json(self.root / "index.json", index)
             return number
 
     def link(self, model: str, version: int, artifact_key: str) -> None:
@@ -246,7 +232,7 @@ class Store:
         for v in index["models"].get(model, {}).get("versions", []):
             if v["version"] == version and artifact_key not in v["artifacts"]:
                 v["artifacts"].append(artifact_key)
-        _write_json(self.root / "index.json", index)
+        write_json(self.root / "index.json", index)
 
     def models(self) -> dict[str, Any]:
         return self._index()["models"]
@@ -262,7 +248,7 @@ class Store:
                     vs = sorted(entry["versions"], key=lambda v: v["version"])
                     removed["versions"] += max(0, len(vs) - keep_last)
                     entry["versions"] = vs[-keep_last:] if keep_last > 0 else []
-                _write_json(self.root / "index.json", index)
+                write_json(self.root / "index.json", index)
             live = {a for e in index["models"].values() for v in e["versions"] for a in v["artifacts"]}
             for p in (self.root / "objects").iterdir():
                 art = self.get(p.name)
@@ -277,23 +263,6 @@ class Store:
         return removed
 
 
-@contextlib.contextmanager
-def flock(path: Path, waiting: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
-           ) -> Iterator[None]:
-    """An exclusive flock(2) on ``path``, released when the block ends or the process dies; ``waiting``
-    surrounds the wait when another process holds it."""
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            with waiting():
-                fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _pid_alive(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -302,24 +271,6 @@ def _pid_alive(pid: str) -> bool:
         return False
     except PermissionError:
         return True
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> str:

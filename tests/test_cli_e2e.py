@@ -63,7 +63,8 @@ def test_cross_entry_has_no_figures(digits_build: dict) -> None:
 
 
 def test_artifact_files_match_digests(digits_build: dict) -> None:
-    from mlopt.store import Store, sha256_file
+    from mlopt.core.files import sha256_file
+    from mlopt.store import Store
 
     store = Store(digits_build["store"])
     for entry in _manifest(digits_build)["entries"]:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import tiny_onnx
 
-from mlopt.compiler.model import Model, file_digest
+from mlopt.core.model import Model, file_digest
 from mlopt.recipes.schema import InputSpec
 from mlopt.targets import engine_entry as entry
 from mlopt.targets import engines

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import HOST, tiny_onnx
 from mlopt.cli import app
-from mlopt.errors import BackendUnavailable
+from mlopt.core.errors import BackendUnavailable
 from mlopt.targets import gpu_toolchain
 from mlopt.targets.devcode import FATBIN_MAGIC, inspect_library, require_device_code
 
@@ -214,7 +214,7 @@ def test_precision_labels_follow_the_model(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from mlopt.compiler.model import model_precision
+    from mlopt.core.model import model_precision
 
     assert model_precision(tiny_onnx(tmp_path / "f32.onnx")) == "float32"
     w = numpy_helper.from_array(np.ones((4, 3), np.float16), "W")

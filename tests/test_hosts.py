@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from conftest import EXAMPLES, HOST, ROOT, tiny_onnx, write_recipe
 from mlopt.cli import app
-from mlopt.errors import BackendUnavailable, BadInput, UnknownName
+from mlopt.core.errors import BackendUnavailable, BadInput, UnknownName
 from mlopt.runtime import isa
 from mlopt.store import Store
 from mlopt.targets import detect

@@ -27,7 +27,7 @@ from mlopt.cli import app
 from mlopt.package.image import read_record
 from mlopt.package.oci import Layout
 from mlopt.package.publish import PushOptions, publish, push_one
-from mlopt.package.refs import parse_ref
+from mlopt.core.refs import parse_ref
 from mlopt.recipes import load_recipe
 from mlopt.store import Store
 

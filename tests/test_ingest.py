@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from conftest import tiny_onnx
 from mlopt.cli import app
 from mlopt.compiler import ingest
-from mlopt.errors import ModelLoadError, ValidationMismatch
+from mlopt.core.errors import ModelLoadError, ValidationMismatch
 from mlopt.recipes.schema import InputSpec, ModelSource
 
 runner = CliRunner()

@@ -327,7 +327,7 @@ def test_gpu_tasks_ask_for_their_accelerator(recipes: list[str], placement: str,
 
 
 def test_device_placement_without_the_device_fails_before_running(recipes: list[str]) -> None:
-    from mlopt.errors import BadInput
+    from mlopt.core.errors import BadInput
     from mlopt.matrix import plan
     from mlopt.matrix.ray_executor import placement as ray_placement
 
@@ -350,9 +350,9 @@ def test_timing_waits_while_a_matrix_task_builds_here() -> None:
     import sys
     import time
 
-    from mlopt import hostlock
+    from mlopt.core import hostlock
 
-    script = "import time\nfrom mlopt import hostlock\nwith hostlock.building():\n    print('held', flush=True)\n" \
+    script = "import time\nfrom mlopt.core import hostlock\nwith hostlock.building():\n    print('held', flush=True)\n" \
              "    time.sleep(1.0)\n"
     task = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert task.stdout.readline().strip() == "held"

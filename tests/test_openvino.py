@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from mlopt.cli import app
 from mlopt.compiler.ingest import read_onnx, run_onnx
-from mlopt.errors import UnsupportedOperator
+from mlopt.core.errors import UnsupportedOperator
 from mlopt.targets.backends import BuildRequest, get_backend
 from mlopt.targets.catalog import load_catalog
 

@@ -14,9 +14,9 @@ from conftest import EXAMPLES, FAST_BENCH, HOST, write_recipe
 from mlopt.cli import app
 from mlopt.compiler import ingest
 from mlopt.compiler.data import Batches
-from mlopt.compiler.model import Model
+from mlopt.core.model import Model
 from mlopt.compiler.passes import PassContext, get_pass
-from mlopt.errors import BadInput, RecipeError
+from mlopt.core.errors import BadInput, RecipeError
 from mlopt.recipes import recipe_from_dict
 from mlopt.recipes.schema import InputSpec, ModelSource, QuantizePass
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from conftest import EXAMPLES, digits_recipe, write_recipe
 from mlopt.cli import app
-from mlopt.errors import RecipeError
+from mlopt.core.errors import RecipeError
 from mlopt.recipes import load_recipe, recipe_from_dict
 
 runner = CliRunner()

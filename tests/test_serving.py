@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import ARM, HOST
 from mlopt.cli import app
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
 from mlopt.manifest import BatchFigures, Measurement, read_manifest
 from mlopt.package import entry, kube, triton
 from mlopt.package.serving import (

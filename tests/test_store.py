@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlopt.errors import StoreError
+from mlopt.core.errors import StoreError
 from mlopt.store import Store
 
 

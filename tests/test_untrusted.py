@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mlopt.cli import app
 from mlopt.compiler import pt2_safety
-from mlopt.errors import ModelLoadError
+from mlopt.core.errors import ModelLoadError
 
 runner = CliRunner()
 
@@ -181,7 +181,7 @@ def test_traversal_model_name_in_recipe_exits_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name, ok", [("resnet50-v1.5_int8", True), ("..", False), (".", False), ("../x", False),
                                       (".hidden", False), ("a" * 128, True), ("a" * 129, False), ("a b", False)])
 def test_one_name_rule(name: str, ok: bool) -> None:
-    from mlopt.util import is_safe_name
+    from mlopt.core.util import is_safe_name
 
     assert is_safe_name(name) is ok
 
@@ -204,8 +204,8 @@ def test_catalog_sku_names_follow_the_rule(name: str) -> None:
 
 
 def test_inside_keeps_paths_in_their_folder(tmp_path: Path) -> None:
-    from mlopt.errors import BadInput
-    from mlopt.util import inside
+    from mlopt.core.errors import BadInput
+    from mlopt.core.util import inside
 
     out = tmp_path / "out"
     out.mkdir()

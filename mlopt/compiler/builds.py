@@ -11,14 +11,14 @@ import numpy as np
 
 from mlopt.compiler import ingest
 from mlopt.compiler.measure import MEMORY_METHOD, measure, peak_memory
-from mlopt.compiler.model import Model
+from mlopt.core.model import Model
 from mlopt.compiler.run import Run, evaluate, geomean
-from mlopt.errors import MloptError, ValidationMismatch, disk_full
-from mlopt.store import key_of
+from mlopt.core.errors import MloptError, ValidationMismatch, disk_full
+from mlopt.core.files import key_of
 from mlopt.targets import detect
 from mlopt.targets.backends import Backend, BuildRequest, get_backend
 from mlopt.targets.catalog import SKU
-from mlopt.util import scratch_cwd
+from mlopt.core.util import scratch_cwd
 
 
 RUNTIME_MODULES = {"apache-tvm": "tvm", "apache-tvm-ffi": "tvm_ffi"}  # package -> module to import first

@@ -9,9 +9,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from mlopt.compiler.ingest import load_callable
-from mlopt.errors import AccuracyError, BadInput
-from mlopt.recipes.schema import DataSource, Evaluation, InputSpec
+from mlopt.core.callables import load_callable
+from mlopt.core.errors import AccuracyError, BadInput
+from mlopt.core.spec import InputSpec
+from mlopt.recipes.schema import DataSource, Evaluation
 
 
 @dataclass(frozen=True)

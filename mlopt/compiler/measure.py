@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlopt import hostlock
+from mlopt.core import hostlock
 from mlopt.recipes.schema import Benchmark
 
 NOISY_SPREAD = 0.10  # relative IQR above which a latency series is flagged as noisy

@@ -20,14 +20,16 @@ from mlopt.compiler import ingest
 from mlopt.compiler.builds import build_sku
 from mlopt.compiler.data import concat_outputs, score
 from mlopt.compiler.measure import time_runner
-from mlopt.compiler.model import Model
+from mlopt.core.model import Model
 from mlopt.compiler.passes import CHANGES_OUTPUTS, TORCH_PASSES, PassContext, get_pass
-from mlopt.compiler.run import Log, Run, evaluate, geomean, toolchain
-from mlopt.errors import BackendUnavailable, BadInput, BudgetExceeded, GateFailed
+from mlopt.core.util import Log
+from mlopt.compiler.run import Run, evaluate, geomean, toolchain
+from mlopt.core.errors import BackendUnavailable, BadInput, BudgetExceeded, GateFailed, severest
 from mlopt.manifest import Manifest, write_manifest
 from mlopt.recipes.load import dump_recipe
 from mlopt.recipes.schema import Recipe
-from mlopt.store import Store, key_of
+from mlopt.core.files import key_of
+from mlopt.store import Store
 from mlopt.targets import detect
 from mlopt.targets.backends import get_backend, package_version
 from mlopt.targets.catalog import load_catalog
@@ -96,7 +98,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
     path = out_dir / "manifest.json"
     write_manifest(manifest, path)
     log(f"[done] manifest written to {path}")
-    code = max(codes, key=lambda c: (c == 3, c), default=0)
+    code = severest(codes)
     gate_failed = manifest.gates is not None and manifest.gates.verdict == "fail"
     return BuildResult(manifest, path, code or (GateFailed.exit_code if gate_failed else 0))
 

@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from mlopt.errors import ModelLoadError
+from mlopt.core.errors import ModelLoadError
 
 _HINT = "mlopt loads only plain tensors from a .pt2; save the program again with torch.export.save from a trusted model"
 

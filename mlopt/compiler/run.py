@@ -14,13 +14,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from mlopt.core.util import Log
 from mlopt.compiler import ingest
 from mlopt.compiler.data import Batches, concat_outputs, load_batches, score
 from mlopt.recipes.schema import Recipe
 from mlopt.store import Store
 from mlopt.targets.backends import package_version
 
-Log = Callable[[str], None]
 
 
 @dataclass

@@ -10,8 +10,9 @@ from typing import Any
 from mlopt import __version__
 from mlopt.manifest import Manifest, MatrixCell, MatrixRecipe, MatrixReport, write_manifest
 from mlopt.matrix.progress import cell_status, chosen
-from mlopt.matrix.tasks import MatrixConfig, Task, TaskResult, severest
-from mlopt.store import key_of
+from mlopt.core.errors import severest
+from mlopt.matrix.tasks import MatrixConfig, Task, TaskResult
+from mlopt.core.files import key_of
 
 
 def combine(tasks: list[Task], results: list[TaskResult], config: MatrixConfig, store: Path,

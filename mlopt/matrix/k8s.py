@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
 from mlopt.matrix.tasks import MatrixConfig, Task
 
 STORE_CLAIM = "mlopt-store"

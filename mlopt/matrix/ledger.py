@@ -15,7 +15,8 @@ from functools import lru_cache
 from typing import Any
 
 from mlopt.matrix.tasks import Task, TaskResult
-from mlopt.store import Store, key_of
+from mlopt.core.files import key_of
+from mlopt.store import Store
 
 KIND = "matrix"
 # Packages whose version changes a backend's output, besides the pipeline's own toolchain().

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import BackendUnavailable, BadInput, MloptError
+from mlopt.core.errors import BackendUnavailable, BadInput, MloptError
 from mlopt.matrix.progress import Progress
 from mlopt.matrix.tasks import MatrixConfig, Task, TaskResult, execute, set_thread_env, worker_died
 

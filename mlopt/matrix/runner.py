@@ -14,7 +14,8 @@ from mlopt.manifest import Manifest, write_manifest
 from mlopt.matrix import ledger
 from mlopt.matrix.combine import combine, write_task_files
 from mlopt.matrix.progress import Progress
-from mlopt.matrix.tasks import MatrixConfig, Task, TaskResult, plan, severest, store_root
+from mlopt.core.errors import severest
+from mlopt.matrix.tasks import MatrixConfig, Task, TaskResult, plan, store_root
 from mlopt.store import Store
 
 ViewFactory = Callable[[list[Task]], Progress]

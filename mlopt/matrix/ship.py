@@ -15,9 +15,10 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import StoreError
+from mlopt.core.errors import StoreError
 from mlopt.matrix.ledger import artifact_keys
-from mlopt.store import ARTIFACT_META, Store, sha256_file
+from mlopt.core.files import sha256_file
+from mlopt.store import ARTIFACT_META, Store
 
 BUNDLE_META = "bundle.json"
 

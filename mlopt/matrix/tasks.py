@@ -15,19 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from mlopt import hostlock
-from mlopt.errors import BadInput, MloptError
+from mlopt.core import hostlock
+from mlopt.core.errors import BadInput, MloptError
+from mlopt.core.spec import Strict
 from mlopt.targets.catalog import SKU
 
-EXECUTORS = ("local", "ray", "k8s")
 
 
-class MatrixConfig(BaseModel):
+class MatrixConfig(Strict):
     """What ``mlopt build-matrix`` was asked to do (every CLI flag is a field)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     recipes: list[str] = Field(min_length=1, description="Recipe files (.yaml).")
     targets: list[str] | Literal["all"] | None = Field(
@@ -172,7 +170,7 @@ def execute(task: Task, store_root: str | None, where: dict[str, Any]) -> TaskRe
     result = TaskResult(task.id, 0, started=time.time(), where={**host_where(), **where})
     try:
         store = Store(store_root)
-        # shared with the other tasks here; a timed loop takes it alone (see mlopt.hostlock)
+        # shared with the other tasks here; a timed loop takes it alone (see mlopt.core.hostlock)
         with hostlock.building(), store.staging() as out:
             _build(task, store, out, result)
     except MloptError as e:
@@ -213,11 +211,6 @@ def set_thread_env(threads: int) -> None:
     TVM's pool is left alone: ``mlopt.targets.tvm`` sizes it to the cores so that measurements run
     with the recipe's thread count, and a pool of one pins the process to one core, which then
     slows every later ONNX Runtime session of the worker 4x (measured: MiniLM 38 ms instead of 10).
-    Timed loops do not compete with other tasks (``mlopt.hostlock``), so they may use every core."""
+    Timed loops do not compete with other tasks (``mlopt.core.hostlock``), so they may use every core."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
-
-
-def severest(codes: list[int]) -> int:
-    """The pipeline's rule: an accuracy failure (3) first, then the highest code; 0 when all passed."""
-    return max(codes, key=lambda c: (c == 3, c), default=0)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import BadInput, RegistryError
-from mlopt.package.refs import DOCKER_HUB
+from mlopt.core.errors import BadInput, RegistryError
+from mlopt.core.refs import DOCKER_HUB
 
 HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
 

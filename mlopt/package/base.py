@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mlopt.errors import BadInput, RegistryError
+from mlopt.core.errors import BadInput, RegistryError
 from mlopt.package.oci import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -18,7 +18,7 @@ from mlopt.package.oci import (
     Layout,
     select_platform,
 )
-from mlopt.package.refs import ImageRef, LayoutRef, parse_base
+from mlopt.core.refs import ImageRef, LayoutRef, parse_base
 from mlopt.package.registry import Registry
 
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}

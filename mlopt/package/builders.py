@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from mlopt.errors import BackendUnavailable, BadInput
+from mlopt.core.errors import BackendUnavailable, BadInput
 from mlopt.package.oci import INDEX_TYPES, Descriptor, Layout
 
 BUILDERS = ("builtin", "buildah", "podman", "docker")

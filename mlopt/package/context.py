@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlopt.package.oci import FileEntry
-from mlopt.package.refs import LayoutRef, parse_base
+from mlopt.core.refs import LayoutRef, parse_base
 from mlopt.package.serving import ENTRY_PATH, ISA_PATH, MODEL_DIR, SERVING_DIR, Deployable
-from mlopt.util import inside
+from mlopt.core.util import inside
 
 if TYPE_CHECKING:
     from mlopt.package.base import BaseImage

@@ -12,21 +12,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
 from mlopt.manifest import read_manifest
-from mlopt.util import inside
+from mlopt.core.util import Log, inside
 from mlopt.package import kube, triton
 from mlopt.package.image import BuiltImage, read_record
-from mlopt.package.refs import parse_repository
+from mlopt.core.refs import parse_repository
 from mlopt.package.serving import Deployable, ServingOptions, deployables
 from mlopt.store import Store
 from mlopt.targets.catalog import load_catalog
 
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

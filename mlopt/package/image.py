@@ -19,10 +19,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mlopt import __version__ as mlopt_version
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
 from mlopt.manifest import read_manifest
 from mlopt.package import triton
 from mlopt.package.base import BaseImage, load_base
@@ -36,7 +36,7 @@ from mlopt.package.oci import (
     Layout,
     canonical_json,
 )
-from mlopt.package.refs import check_tag
+from mlopt.core.refs import check_tag
 from mlopt.package.serving import (
     ENTRY_PATH,
     IMAGE_ROOT,
@@ -51,12 +51,11 @@ from mlopt.package.serving import (
 )
 from mlopt.store import ARTIFACT_META, Store
 from mlopt.targets.catalog import load_catalog
-from mlopt.util import NAME_RULE, inside, is_safe_name
+from mlopt.core.util import Log, NAME_RULE, inside, is_safe_name
 
 RECORD = "images.json"
 SITE_PACKAGES = f"{IMAGE_ROOT}/site-packages"
 LABEL = "dev.mlopt"
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -127,14 +126,14 @@ def _unique_tags(tags: dict[str, str], template: str) -> None:
 
 def record_in_manifest(manifest_path: Path, images: list[BuiltImage]) -> None:
     """Write each image's digest (and where it was pushed) into its entry of the manifest, atomically."""
-    from mlopt.manifest import ImageRef, write_manifest
+    from mlopt.manifest import ImageRecord, write_manifest
 
     manifest = read_manifest(manifest_path)
     by_key = {(i.model, i.version, i.sku): i for i in images}
     for entry in manifest.entries:
         img = by_key.get((entry.model, entry.version, entry.sku))
         if img is not None:
-            entry.image = ImageRef(tag=img.tag, digest=img.digest, base=img.base, base_digest=img.base_digest,
+            entry.image = ImageRecord(tag=img.tag, digest=img.digest, base=img.base, base_digest=img.base_digest,
                                    pushed=list(img.pushed))
     write_manifest(manifest, Path(manifest_path))
 

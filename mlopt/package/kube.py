@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from mlopt.errors import BackendUnavailable, BadInput
+from mlopt.core.errors import BackendUnavailable, BadInput
 from mlopt.package.serving import (
     ENGINE_CACHE,
     JIT_BACKENDS,

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
+from mlopt.runtime.files import sha256_file, write_atomic
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -217,7 +218,7 @@ class Layout:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        if file_digest(tmp) != desc.digest:
+        if _digest(tmp) != desc.digest:
             tmp.unlink()
             raise BadInput(f"blob {desc.digest} at {src} is damaged: its content does not match its digest")
         self._commit(tmp, desc.digest)
@@ -250,9 +251,7 @@ class Layout:
             raise BadInput(f"{self.root}/index.json cannot be read: {e}") from None
 
     def _write_index(self, index: dict[str, Any]) -> None:
-        tmp = self.root / f".index.json.{uuid.uuid4().hex}"
-        tmp.write_bytes(json.dumps(index, indent=2, sort_keys=True).encode())
-        os.replace(tmp, self.root / "index.json")
+        write_atomic(self.root / "index.json", json.dumps(index, indent=2, sort_keys=True))
 
     def tag(self, tag: str, desc: Descriptor) -> None:
         """Point ``tag`` at a manifest already stored here (replacing what it pointed at)."""
@@ -301,7 +300,7 @@ class Layout:
             path = self.blob_path(b.digest)
             if not path.is_file():
                 out.append(f"blob {b.digest} is missing")
-            elif path.stat().st_size != b.size or file_digest(path) != b.digest:
+            elif path.stat().st_size != b.size or _digest(path) != b.digest:
                 out.append(f"blob {b.digest} is damaged (its content does not match its digest)")
         return out
 
@@ -330,13 +329,8 @@ class BlobWriter:
             self.path.unlink(missing_ok=True)
 
 
-def file_digest(path: Path) -> str:
-    """sha256 digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+def _digest(path: Path) -> str:
+    return "sha256:" + sha256_file(path)
 
 
 def select_platform(index: dict[str, Any], os_name: str, arch: str, where: str) -> Descriptor:

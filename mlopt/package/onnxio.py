@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from mlopt.errors import ModelLoadError
+from mlopt.core.errors import ModelLoadError
 
 _MODEL_GRAPH = 7
 _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_INITIALIZER = 11, 12, 5

@@ -13,9 +13,10 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from mlopt.errors import BackendUnavailable, BadInput, RegistryError
+from mlopt.core.util import Log
+from mlopt.core.errors import BackendUnavailable, BadInput, RegistryError
 from mlopt.package.auth import docker_config_path
 from mlopt.package.image import (
     BuiltImage,
@@ -26,12 +27,11 @@ from mlopt.package.image import (
     write_record,
 )
 from mlopt.package.oci import OCI_MANIFEST, Descriptor, Layout
-from mlopt.package.refs import ImageRef, check_tag, parse_repository, plain_http
+from mlopt.core.refs import ImageRef, check_tag, parse_repository, plain_http
 from mlopt.package.registry import Registry
 from mlopt.package.serving import ServingOptions
 from mlopt.store import Store
 
-Log = Callable[[str], None]
 PUSHERS = ("http", "skopeo")
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mlopt.errors import BadInput, RegistryError
+from mlopt.core.errors import BadInput, RegistryError
 from mlopt.package.auth import (
     Credentials,
     credentials_for,
@@ -35,7 +35,7 @@ from mlopt.package.oci import (
     Descriptor,
     sha256_digest,
 )
-from mlopt.package.refs import api_host, plain_http
+from mlopt.core.refs import api_host, plain_http
 
 ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
 USER_AGENT = "mlopt"

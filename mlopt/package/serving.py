@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import BadInput, StoreError
+from mlopt.core.errors import BadInput, StoreError
 from mlopt.manifest import Entry, Manifest, Measurement, ModelInfo
 from mlopt.store import Artifact, Store
 from mlopt.targets.catalog import SKU, Catalog

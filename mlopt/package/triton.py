@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import BackendUnavailable, BadInput
+from mlopt.core.errors import BackendUnavailable, BadInput
 from mlopt.package.onnxio import TensorDecl, graph_io
-from mlopt.util import inside
+from mlopt.core.util import inside
 from mlopt.package.serving import (
     ENGINE_CACHE,
     BatchPlan,

@@ -9,7 +9,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mlopt.errors import RecipeError
+from mlopt.core.errors import RecipeError
+from mlopt.core.files import deep_merge
 from mlopt.recipes.schema import Recipe
 
 
@@ -44,13 +45,6 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as YAML, every field resolved (what --dry-run prints)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _describe(err: dict[str, Any]) -> str:

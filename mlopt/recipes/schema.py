@@ -10,54 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from mlopt.util import NAME_RULE, is_safe_name
+from mlopt.core.spec import InputSpec, Strict
+from mlopt.core.util import NAME_RULE, is_safe_name
 
 RECIPE_SCHEMA_VERSION = 1
 
-DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint64", "uint32",
-          "uint16", "uint8", "bool")
-
-
 def _safe_name(value: str, what: str) -> str:
-    """The one name rule (``mlopt.util.NAME_PATTERN``): a name becomes a path or a tag, so never '..' or '/'."""
+    """The one name rule (``mlopt.core.util.NAME_PATTERN``): a name becomes a path or a tag, so never '..' or '/'."""
     if not is_safe_name(value):
         raise ValueError(f"{what} {value!r} must be {NAME_RULE}, and not '.' or '..'")
     return value
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class InputSpec(Strict):
-    """One model input. A string in ``shape`` names a dynamic axis (for example ``batch``)."""
-
-    name: str = Field(description="Input name, as in the ONNX graph (or the forward() argument order).")
-    shape: list[Union[int, str]] = Field(description="Dimensions; ints are fixed, strings name dynamic axes.")
-    dtype: Literal[DTYPES] = Field("float32", description="Element type.")  # type: ignore[valid-type]
-
-    @field_validator("shape")
-    @classmethod
-    def _dims(cls, shape: list[int | str]) -> list[int | str]:
-        for d in shape:
-            if isinstance(d, int) and d <= 0:
-                raise ValueError(f"dimension {d} must be positive (use a name such as 'batch' for a dynamic axis)")
-            if isinstance(d, str) and not d.isidentifier():
-                raise ValueError(f"dynamic axis name {d!r} must be an identifier")
-        return shape
-
-    @property
-    def dynamic_axes(self) -> dict[int, str]:
-        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
-
-    def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
-        """The shape with dynamic axes bound from ``dims``."""
-        try:
-            return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
-        except KeyError as e:
-            raise ValueError(f"input {self.name!r}: no value for dynamic axis {e.args[0]!r}") from None
 
 
 class ModelSource(Strict):
@@ -322,8 +286,8 @@ class ImageSettings(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ImageSettings":
-        from mlopt.errors import BadInput
-        from mlopt.package.refs import parse_base, parse_repository
+        from mlopt.core.errors import BadInput
+        from mlopt.core.refs import parse_base, parse_repository
 
         if self.push and not self.registry:
             raise ValueError("push needs a registry: image.registry HOST/REPO (--registry)")
@@ -354,7 +318,7 @@ class ImageSettings(Strict):
 
 
 def _check_tag_template(template: str) -> None:
-    from mlopt.package.refs import TAG
+    from mlopt.core.refs import TAG
 
     try:
         sample = template.format(model="model", version=1, sku="sku", backend="backend")

@@ -10,11 +10,11 @@ from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 
-from mlopt.compiler.model import Model
-from mlopt.errors import BackendUnavailable, UnknownName
+from mlopt.core.model import Model
+from mlopt.core.errors import BackendUnavailable, UnknownName
 from mlopt.runtime import isa
 from mlopt.targets.catalog import SKU
-from mlopt.util import package_version  # noqa: F401  (re-exported for the backends)
+from mlopt.core.util import package_version  # noqa: F401  (re-exported for the backends)
 
 BACKENDS: dict[str, str] = {
     "onnxruntime": "mlopt.targets.ort:OrtBackend",

@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from mlopt.errors import BadInput, UnknownName
+from mlopt.core.errors import BadInput, UnknownName
+from mlopt.core.files import deep_merge
+from mlopt.core.spec import Strict
 
 BUNDLED = Path(__file__).with_name("catalog.yaml")
 RESERVED = {"host"}  # target names that are not SKUs (``detect.resolve_targets`` resolves them)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Price(Strict):
@@ -68,7 +66,7 @@ class Device(Strict):
     pci_ids: list[str] = Field(default_factory=list, description="PCI vendor:device ids, e.g. '10de:2330'.")
 
 
-SKU_NAME = r"^[a-z0-9][a-z0-9._-]{0,127}$"  # mlopt.util.NAME_PATTERN, lower-case
+SKU_NAME = r"^[a-z0-9][a-z0-9._-]{0,127}$"  # mlopt.core.util.NAME_PATTERN, lower-case
 
 
 class SKU(Strict):
@@ -209,16 +207,8 @@ def _load(path: str | None) -> Catalog:
             close = difflib.get_close_matches(name, list(by_name), n=1)
             raise BadInput(f"catalog {path} overrides unknown SKU {name!r}"
                            + (f" (did you mean {close[0]!r}?)" if close else ""))
-        base[by_name[name]] = _deep_merge(base[by_name[name]], patch)
+        base[by_name[name]] = deep_merge(base[by_name[name]], patch)
     return _validate(Path(path), {"catalog_version": 1, "skus": base})
-
-
-def _deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-    """``patch`` over ``base``, merging nested mappings (overriding requirements.driver keeps runtimes)."""
-    out = dict(base)
-    for k, v in patch.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _validate(path: Path, raw: Any) -> Catalog:

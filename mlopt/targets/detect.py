@@ -21,10 +21,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mlopt.errors import UnknownName
+from mlopt.core.errors import UnknownName
 from mlopt.runtime import isa
 from mlopt.targets.catalog import SKU, Catalog
-from mlopt.util import package_version
+from mlopt.core.util import package_version
 
 X86_LEVELS, NOTABLE = isa.X86_LEVELS, isa.NOTABLE
 HOST_TARGET = "host"  # the target name that resolves to the best catalog SKU this machine runs

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlopt.errors import BackendUnavailable
+from mlopt.core.errors import BackendUnavailable
 
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
 ELF_MAGIC = b"\x7fELF"

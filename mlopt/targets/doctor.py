@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mlopt.errors import BackendUnavailable, BadInput, UnknownName
+from mlopt.core.errors import BackendUnavailable, BadInput, UnknownName
 from mlopt.targets.catalog import SKU, Catalog
 from mlopt.targets.detect import (
     GPU,

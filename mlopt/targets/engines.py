@@ -22,8 +22,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mlopt.compiler.model import onnx_files
-from mlopt.errors import BackendUnavailable, BadInput
+from mlopt.core.model import onnx_files
+from mlopt.core.errors import BackendUnavailable, BadInput
 from mlopt.targets import engine_entry as entry
 from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
 from mlopt.targets.catalog import SKU

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from mlopt.errors import BackendUnavailable
+from mlopt.core.errors import BackendUnavailable
 
 STUB_SOURCE = """/* libcuda.so.1 stand-in written by mlopt for machines without the NVIDIA driver:
    every call reports CUDA_ERROR_NO_DEVICE (100). Used only to compile, never to run. */
@@ -171,7 +171,7 @@ def _load_tvm_cuda_plugin() -> None:
 def find_lld() -> tuple[str, int] | None:
     """The newest ``ld.lld`` on PATH, with its major version, if it is at least ``MIN_LLD``."""
     best: tuple[str, int] | None = None
-    names = ["ld.lld"] + [f"ld.lld-{v}" for v in range(MIN_LLD, 40)] + [f"/opt/rocm/llvm/bin/ld.lld"]
+    names = ["ld.lld"] + [f"ld.lld-{v}" for v in range(MIN_LLD, 40)] + ["/opt/rocm/llvm/bin/ld.lld"]
     for name in names:
         path = shutil.which(name)
         if not path:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mlopt.errors import BackendUnavailable, UnsupportedOperator
+from mlopt.core.errors import BackendUnavailable, UnsupportedOperator
 from mlopt.targets.backends import (
     Availability,
     Backend,

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from mlopt.compiler.model import onnx_files
-from mlopt.errors import BackendUnavailable
+from mlopt.core.model import onnx_files
+from mlopt.core.errors import BackendUnavailable
 from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
 from mlopt.targets.catalog import SKU
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlopt.errors import MloptError, UnknownName
+from mlopt.core.errors import MloptError, UnknownName
 from mlopt.targets.catalog import SKU, Catalog
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from mlopt.compiler.model import FLOAT_PRECISIONS
-from mlopt.errors import BackendUnavailable, UnsupportedOperator
+from mlopt.core.model import FLOAT_PRECISIONS
+from mlopt.core.errors import BackendUnavailable, UnsupportedOperator
 from mlopt.runtime import isa
 from mlopt.targets import gpu_toolchain
 from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mlopt.errors import BackendUnavailable
-from mlopt.store import flock, key_of
+from mlopt.core.errors import BackendUnavailable
+from mlopt.core.files import flock, key_of
 from mlopt.targets.backends import BuildRequest
 from mlopt.targets.tvm import import_onnx
-from mlopt.util import stdout_to_stderr
+from mlopt.core.util import stdout_to_stderr
 
 FAILED_RUN = 1e9  # MetaSchedule stores failed trials with run_secs = 1e10
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mlopt.compiler.model import Model
-from mlopt.errors import UnknownName
+from mlopt.core.model import Model
+from mlopt.core.errors import UnknownName
 from mlopt.recipes.schema import DistillPass, GraphOptimizePass, PrunePass, QuantizePass
 
 PASS_CONFIGS: dict[str, type] = {

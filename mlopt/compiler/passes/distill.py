@@ -9,11 +9,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mlopt.compiler.ingest import load_callable
-from mlopt.compiler.model import Model
+from mlopt.core.callables import load_callable
+from mlopt.core.model import Model
 from mlopt.compiler.passes import PassContext, register
 from mlopt.compiler.passes.prune import count, example_args, finetune, need_module, prune_structured
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
 from mlopt.recipes.schema import DistillPass
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlopt.compiler.model import Model
+from mlopt.core.model import Model
 from mlopt.compiler.passes import PassContext, register, save_onnx
 from mlopt.recipes.schema import GraphOptimizePass
 

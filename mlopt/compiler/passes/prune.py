@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from mlopt.compiler.model import Model
+from mlopt.core.model import Model
 from mlopt.compiler.passes import PassContext, register
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
 from mlopt.recipes.schema import PrunePass
 
 

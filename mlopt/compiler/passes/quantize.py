@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from mlopt.compiler.model import Model
+from mlopt.core.model import Model
 from mlopt.compiler.passes import PassContext, register
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
 from mlopt.recipes.schema import QuantizePass
-from mlopt.util import scratch_cwd
+from mlopt.core.util import scratch_cwd
 
 # The compute-heavy ops, plus those that are exact in int8 and keep a chain of convolutions in int8
 # (no Dequantize/Quantize between them). Quantizing every op (Add, Softmax ...) collapses accuracy.

@@ -4,11 +4,11 @@ PyTorch sources the ``nn.Module`` that training passes need."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from mlopt.recipes.schema import InputSpec
+from mlopt.core.spec import InputSpec
 
 ONNX_TO_NUMPY = {
     1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
@@ -28,14 +28,10 @@ class Model:
     # Builds the nn.Module this ONNX was exported from (PyTorch sources; training passes use it).
     # None once a pass makes the ONNX differ from any module (quantization).
     module_fn: Callable[[], Any] | None = None
-    lineage: tuple[str, ...] = field(default_factory=tuple)  # digests of the models this came from
 
     def derive(self, onnx_path: Path, module_fn: Callable[[], Any] | None = None) -> "Model":
         """A new Model made from this one by a pass (keeps the signature)."""
-        return replace(
-            self, onnx_path=onnx_path, digest=file_digest(onnx_path), module_fn=module_fn,
-            lineage=self.lineage + (self.digest,),
-        )
+        return replace(self, onnx_path=onnx_path, digest=file_digest(onnx_path), module_fn=module_fn)
 
     @property
     def is_quantized(self) -> bool:
@@ -50,10 +46,6 @@ class Model:
     @property
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in onnx_files(self.onnx_path))
-
-    def feed_shapes(self, batch: int, dims: dict[str, int], batch_axis: str) -> dict[str, tuple[int, ...]]:
-        bound = {**dims, batch_axis: batch}
-        return {i.name: i.concrete(bound) for i in self.inputs}
 
 
 def onnx_files(path: Path) -> list[Path]:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")

@@ -104,6 +104,12 @@ class GateFailed(MloptError):
     exit_code = 6
 
 
+def severest(codes: list[int]) -> int:
+    """The exit code of several results: an accuracy failure first (a build that runs but answers
+    wrongly matters most), then the highest code; 0 when all passed."""
+    return max(codes, key=lambda c: (c == AccuracyError.exit_code, c), default=0)
+
+
 EXIT_CODES = {
     0: "success",
     1: "other failure",

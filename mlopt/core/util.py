@@ -9,9 +9,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from mlopt.errors import BadInput
+from mlopt.core.errors import BadInput
+
+Log = Callable[[str], None]
+"""Where a stage writes its progress lines (``print``, the CLI's stderr console, a matrix task's log)."""
 
 _CWD_LOCK = threading.RLock()  # the working directory is the process's: one scratch folder at a time
 
