@@ -4,22 +4,29 @@ Layout of a store folder::
 
     objects/<key>/        one artifact: its files and artifact.json (file digests, provenance)
     cache/<kind>/<key>/   replayable step results (ingest, pass, measure) and matrix task records, with meta.json
+                          and files.json (the sha256 of every file of the step, meta.json included)
     index.json            model name -> versions -> artifact keys
     tmp/                  work in progress; renamed into place when complete
     lock                  flock(2) lock taken for every write
     locks/<kind>-<key>    flock(2) lock of a step being made: concurrent builds wait and reuse it
+    locks/version-<model>-<n>  shared flock(2) a running compile holds on its version: gc keeps that version
 
 An artifact's key is the sha256 of what made it (input model, pass configs, toolchain versions,
-target, backend); its files are checked against their recorded sha256 on every read.
+target, backend); its files are checked against their recorded sha256 on every read, and so are a
+cached step's. A damaged artifact or step is never used: it is removed and made again (the log says
+so), and ``verify`` / ``gc --damaged`` report and repair both. A version records whether the compile
+that made it finished (``complete``); a killed compile leaves ``complete: false``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,6 +39,7 @@ from mlopt.core.errors import StoreError, UnknownName, disk_full
 
 ARTIFACT_META = "artifact.json"
 STEP_META = "meta.json"
+STEP_FILES = "files.json"
 
 
 def default_store_path() -> Path:
@@ -43,6 +51,7 @@ class Artifact:
     key: str
     path: Path
     meta: dict[str, Any]
+    damaged: str = ""  # why its artifact.json cannot be read ("" when it can)
 
     @property
     def short(self) -> str:
@@ -52,9 +61,21 @@ class Artifact:
 class Store:
     """A local artifact store folder."""
 
-    def __init__(self, root: str | Path | None = None):
+    def __init__(self, root: str | Path | None = None, log: Callable[[str], None] | None = None):
         self.root = Path(root).expanduser().absolute() if root else default_store_path()
+        # where repairs are reported (a damaged step or artifact removed to be made again)
+        self.log = log or (lambda message: print(message, file=sys.stderr))
         self._check_writable()
+
+    @classmethod
+    def existing(cls, root: str | Path | None = None) -> "Store":
+        """A store that must already exist (``verify``, ``gc``, ``list``): a typo is an error, not a new store."""
+        path = Path(root).expanduser().absolute() if root else default_store_path()
+        if not (path / "objects").is_dir():
+            what = "does not exist" if not path.exists() else "is not an mlopt store (it has no objects/ folder)"
+            raise StoreError(f"artifact store {path} {what}",
+                             hint="check --store (or $MLOPT_STORE); a compile creates the store")
+        return cls(path)
 
     # ------------------------------------------------------------ basics
     def _check_writable(self) -> None:
@@ -105,42 +126,101 @@ class Store:
         Processes asking for the same step at once (the SKU tasks of one recipe in a build matrix)
         run ``produce`` once: the others wait for it and get its result as a hit."""
         dest = self.root / "cache" / kind / key
-        meta_file = dest / STEP_META
-        if meta_file.is_file():
-            return dest, json.loads(meta_file.read_text()), True
+        meta = self._intact_step(dest)
+        if meta is not None:
+            return dest, meta, True
         (self.root / "locks").mkdir(exist_ok=True)
         # one producer per step: a concurrent build of the same recipe waits here, then reuses the result
         with flock(self.root / "locks" / f"{kind}-{key}", hostlock.waiting):
-            if meta_file.is_file():
-                return dest, json.loads(meta_file.read_text()), True
+            meta = self._intact_step(dest)
+            if meta is not None:
+                return dest, meta, True
             with self.staging() as tmp:
                 work = tmp / "step"
                 work.mkdir()
                 meta = produce(work)
                 write_json(work / STEP_META, meta)
+                write_json(work / STEP_FILES, _digests(work))
                 with self.lock():
                     self._publish(work, dest)
-        return dest, json.loads(meta_file.read_text()), False
+        return dest, json.loads((dest / STEP_META).read_text()), False
+
+    def verify_step(self, folder: Path) -> list[str]:
+        """Problems found re-hashing a cached step's files against its files.json (empty when intact)."""
+        try:
+            recorded = json.loads((folder / STEP_FILES).read_text())
+            json.loads((folder / STEP_META).read_text())
+        except FileNotFoundError as e:
+            return [f"{Path(e.filename).name}: missing"]
+        except (OSError, ValueError) as e:
+            return [f"unreadable record ({type(e).__name__})"]
+        if not isinstance(recorded, dict):
+            return [f"{STEP_FILES}: not a mapping of file digests"]
+        return _compare(folder, recorded, skip={STEP_FILES})
+
+    def steps(self) -> list[Path]:
+        """Every cached step folder (cache/<kind>/<key>)."""
+        cache = self.root / "cache"
+        return sorted(p for kind in cache.iterdir() if kind.is_dir() for p in kind.iterdir() if p.is_dir()) \
+            if cache.is_dir() else []
+
+    def _intact_step(self, dest: Path) -> dict[str, Any] | None:
+        """The meta of an intact cached step; a damaged one is removed (and reported), so it is made again."""
+        if not dest.exists():
+            return None
+        problems = self.verify_step(dest)
+        if not problems:
+            return json.loads((dest / STEP_META).read_text())
+        self.log(f"[store] cached step {dest.parent.name}/{dest.name[:12]} is damaged "
+                 f"({'; '.join(problems[:3])}): making it again")
+        self._discard(dest)
+        return None
+
+    def _discard(self, folder: Path) -> None:
+        """Remove a damaged entry atomically: renamed out of place under the lock, then deleted."""
+        with self.lock():
+            if not folder.exists():
+                return
+            grave = self.root / "tmp" / f"{os.getpid()}-damaged-{uuid.uuid4().hex}"
+            os.rename(folder, grave)
+        shutil.rmtree(grave, ignore_errors=True)
 
     def lookup_step(self, kind: str, key: str) -> dict[str, Any] | None:
         """The meta of a recorded step, or None."""
-        meta_file = self.root / "cache" / kind / key / STEP_META
-        return json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        dest = self.root / "cache" / kind / key
+        if not (dest / STEP_FILES).is_file():  # written before steps carried digests, or never
+            return None
+        return self._intact_step(dest)
 
     def record_step(self, kind: str, key: str, meta: dict[str, Any]) -> None:
         """Record (or replace) a step that has no files of its own, atomically."""
         dest = self.root / "cache" / kind / key
-        with self.lock():
-            dest.mkdir(parents=True, exist_ok=True)
-            write_json(dest / STEP_META, meta)
+        with self.staging() as tmp:
+            work = tmp / "step"
+            work.mkdir()
+            write_json(work / STEP_META, meta)
+            write_json(work / STEP_FILES, _digests(work))
+            with self.lock():
+                if dest.exists():  # a reader in between sees no record (a miss), never half of one
+                    os.rename(dest, tmp / "old")
+                self._publish(work, dest)
 
     # ------------------------------------------------------------ artifacts
     def get(self, key: str) -> Artifact | None:
         dest = self.root / "objects" / key
-        meta = dest / ARTIFACT_META
-        if not meta.is_file():
-            return None
-        return Artifact(key, dest, json.loads(meta.read_text()))
+        return self._artifact(dest) if dest.is_dir() else None
+
+    @staticmethod
+    def _artifact(dest: Path) -> Artifact:
+        try:
+            meta = json.loads((dest / ARTIFACT_META).read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a mapping")
+            return Artifact(dest.name, dest, meta)
+        except FileNotFoundError:
+            return Artifact(dest.name, dest, {}, damaged=f"{ARTIFACT_META}: missing")
+        except (OSError, ValueError) as e:
+            return Artifact(dest.name, dest, {}, damaged=f"{ARTIFACT_META}: unreadable ({type(e).__name__})")
 
     def put(self, key: str, files_dir: Path, meta: dict[str, Any], version: tuple[str, int] | None = None) -> Artifact:
         """Commit the files in ``files_dir`` (a staging folder) as artifact ``key``, and link it to
@@ -173,31 +253,35 @@ class Store:
 
     def verify(self, art: Artifact) -> list[str]:
         """Problems found re-hashing an artifact's files (empty when intact)."""
-        problems = []
-        for rel, info in art.meta.get("files", {}).items():
-            p = art.path / rel
-            if not p.is_file():
-                problems.append(f"{rel}: missing")
-            elif sha256_file(p) != info["sha256"]:
-                problems.append(f"{rel}: sha256 differs from the recorded digest")
-        present = {p.relative_to(art.path).as_posix() for p in art.path.rglob("*") if p.is_file()} - {ARTIFACT_META}
-        problems += [f"{rel}: not recorded" for rel in sorted(present - set(art.meta.get("files", {})))]
-        return problems
+        if art.damaged:
+            return [art.damaged]
+        files = art.meta.get("files")
+        if not isinstance(files, dict) or not all(isinstance(i, dict) and "sha256" in i for i in files.values()):
+            return [f"{ARTIFACT_META}: has no file digests"]
+        return _compare(art.path, {rel: info["sha256"] for rel, info in files.items()}, skip={ARTIFACT_META})
+
+    def reusable(self, key: str) -> Artifact | None:
+        """The artifact for ``key`` when it is intact. A damaged one is removed (and reported) and None
+        returned, so the build makes it again, under the same key, rather than another backend's build
+        silently taking its place."""
+        art = self.get(key)
+        if art is None or not (problems := self.verify(art)):
+            return art
+        self.log(f"[store] artifact {key[:12]} is damaged ({'; '.join(problems[:3])}): building it again")
+        self._discard(art.path)
+        return None
 
     def checked(self, key: str) -> Artifact | None:
         """``get`` plus digest verification: a damaged artifact is an error, not a cache hit."""
         art = self.get(key)
         if art is not None and (problems := self.verify(art)):
             raise StoreError(f"artifact {key[:12]} is damaged: {'; '.join(problems[:3])}",
-                             hint="remove it with `mlopt artifacts gc --damaged` and build again")
+                             hint="compile again (it rebuilds damaged artifacts), or remove it with "
+                                  "`mlopt artifacts gc --damaged`")
         return art
 
     def artifacts(self) -> list[Artifact]:
-        out = []
-        for p in sorted((self.root / "objects").iterdir()):
-            if (p / ARTIFACT_META).is_file():
-                out.append(Artifact(p.name, p, json.loads((p / ARTIFACT_META).read_text())))
-        return out
+        return [self._artifact(p) for p in sorted((self.root / "objects").iterdir()) if p.is_dir()]
 
     # ------------------------------------------------------------ versions
     def _index(self) -> dict[str, Any]:
@@ -218,9 +302,48 @@ class Store:
                 if v["key"] == version_key:
                     return int(v["version"])
             number = 1 + max((int(v["version"]) for v in versions), default=0)
-            versions.append({"version": number, "key": version_key, "created": _now(), "artifacts": [], **info})
+            versions.append({"version": number, "key": version_key, "created": _now(), "artifacts": [],
+                             "complete": False, **info})
             write_json(self.root / "index.json", index)
             return number
+
+    @contextlib.contextmanager
+    def holding(self, model: str, version: int) -> Iterator[None]:
+        """Hold ``model`` version ``version`` while a compile writes it: ``gc`` keeps a held version
+        (a shared flock(2), released when the block ends or the process dies). On a normal end the
+        version is marked complete; a killed compile leaves it ``complete: false``."""
+        (self.root / "locks").mkdir(exist_ok=True)
+        with open(self._lease(model, version), "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            try:
+                yield
+                self.mark_complete(model, version)
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def mark_complete(self, model: str, version: int) -> None:
+        with self.lock():
+            index = self._index()
+            for v in index["models"].get(model, {}).get("versions", []):
+                if v["version"] == version:
+                    v["complete"] = True
+            write_json(self.root / "index.json", index)
+
+    def _lease(self, model: str, version: int) -> Path:
+        return self.root / "locks" / f"version-{model}-{version}"
+
+    def _held(self, model: str, version: int) -> bool:
+        """Whether a running compile holds this version (its shared lock blocks an exclusive one)."""
+        path = self._lease(model, version)
+        if not path.exists():
+            return False
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
 
     def link(self, model: str, version: int, artifact_key: str) -> None:
         """Record that ``artifact_key`` belongs to ``model`` version ``version``."""
@@ -240,14 +363,17 @@ class Store:
     # ------------------------------------------------------------ gc
     def gc(self, keep_last: int | None = None, damaged: bool = False) -> dict[str, int]:
         """Remove stale temp folders, unreferenced objects, old versions beyond ``keep_last``."""
-        removed = {"tmp": 0, "objects": 0, "versions": 0, "damaged": 0}
+        removed = {"tmp": 0, "objects": 0, "versions": 0, "damaged": 0, "steps": 0, "held": 0}
         with self.lock():
             index = self._index()
             if keep_last is not None:
-                for entry in index["models"].values():
+                for model, entry in index["models"].items():
                     vs = sorted(entry["versions"], key=lambda v: v["version"])
-                    removed["versions"] += max(0, len(vs) - keep_last)
-                    entry["versions"] = vs[-keep_last:] if keep_last > 0 else []
+                    old = vs[:-keep_last] if keep_last > 0 else vs
+                    held = [v for v in old if self._held(model, v["version"])]  # a running compile's
+                    removed["versions"] += len(old) - len(held)
+                    removed["held"] += len(held)
+                    entry["versions"] = held + (vs[-keep_last:] if keep_last > 0 else [])
                 write_json(self.root / "index.json", index)
             live = {a for e in index["models"].values() for v in e["versions"] for a in v["artifacts"]}
             for p in (self.root / "objects").iterdir():
@@ -256,6 +382,11 @@ class Store:
                 if p.name not in live or bad:
                     shutil.rmtree(p, ignore_errors=True)
                     removed["damaged" if bad and p.name in live else "objects"] += 1
+            if damaged:
+                for step in self.steps():
+                    if self.verify_step(step):
+                        shutil.rmtree(step, ignore_errors=True)
+                        removed["steps"] += 1
             for p in (self.root / "tmp").iterdir():
                 if not _pid_alive(p.name.split("-")[0]):
                     shutil.rmtree(p, ignore_errors=True)
@@ -275,3 +406,22 @@ def _pid_alive(pid: str) -> bool:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` except files.json itself, by relative path."""
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != STEP_FILES}
+
+
+def _compare(folder: Path, recorded: dict[str, str], skip: set[str]) -> list[str]:
+    """Files of ``folder`` that are missing, differ from ``recorded`` or were never recorded."""
+    problems = []
+    for rel, digest in recorded.items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(p) != digest:
+            problems.append(f"{rel}: sha256 differs from the recorded digest")
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - skip
+    return problems + [f"{rel}: not recorded" for rel in sorted(present - set(recorded))]

@@ -106,7 +106,7 @@ def _not_run(how: str, why: str) -> str:
 def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, threads: int, avail: Any,
               why_not: str, version: int) -> tuple[Any, bool, dict[str, Any], float]:
     """The stored artifact for ``key``, building and validating it first on a miss."""
-    art = run.store.checked(key)
+    art = run.store.reusable(key)  # a damaged one is rebuilt here, never replaced by another backend
     if art is not None:
         validation = art.meta["validation"]
         if validation["status"] == "not-run" and avail.run:  # stored by a machine that could not run it

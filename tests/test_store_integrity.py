@@ -1,0 +1,167 @@
+"""The store never uses damaged bytes: cached steps and artifacts carry digests, are checked on every
+read, and a damaged entry is removed and made again (with a log line) or reported by verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlopt.core.errors import StoreError
+from mlopt.store import STEP_FILES, STEP_META, Store
+
+
+def _store(tmp_path: Path) -> tuple[Store, list[str]]:
+    logged: list[str] = []
+    return Store(tmp_path / "store", log=logged.append), logged
+
+
+def _step(store: Store, calls: list[int]) -> tuple[Path, dict, bool]:
+    def produce(work: Path) -> dict:
+        calls.append(1)
+        (work / "model.onnx").write_bytes(b"weights" * 100)
+        return {"digest": "abc", "n": len(calls)}
+    return store.cached_step("pass", "k" * 64, produce)
+
+
+def test_cached_step_records_digests_and_replays(tmp_path: Path) -> None:
+    store, logged = _store(tmp_path)
+    calls: list[int] = []
+    folder, meta, hit = _step(store, calls)
+    assert not hit and meta == {"digest": "abc", "n": 1}
+    recorded = json.loads((folder / STEP_FILES).read_text())
+    assert set(recorded) == {"model.onnx", STEP_META}
+    assert _step(store, calls)[1:] == (meta, True) and len(calls) == 1 and logged == []
+    assert store.verify_step(folder) == []
+
+
+@pytest.mark.parametrize("damage", ["flip-byte", "truncate-meta", "remove-file", "extra-file", "remove-record"])
+def test_damaged_cached_step_is_made_again_and_logged(tmp_path: Path, damage: str) -> None:
+    store, logged = _store(tmp_path)
+    calls: list[int] = []
+    folder, _, _ = _step(store, calls)
+    model = folder / "model.onnx"
+    if damage == "flip-byte":
+        data = bytearray(model.read_bytes())
+        data[10] ^= 0xFF
+        model.write_bytes(bytes(data))
+    elif damage == "truncate-meta":
+        (folder / STEP_META).write_text('{"digest": "ab')
+    elif damage == "remove-file":
+        model.unlink()
+    elif damage == "extra-file":
+        (folder / "planted.py").write_text("import os")
+    else:
+        (folder / STEP_FILES).unlink()
+    assert store.verify_step(folder) != []
+    folder2, meta, hit = _step(store, calls)
+    assert not hit and meta["n"] == 2 and len(calls) == 2  # made again, not used
+    assert store.verify_step(folder2) == [] and model.read_bytes() == b"weights" * 100
+    assert len(logged) == 1 and "is damaged" in logged[0] and "making it again" in logged[0]
+
+
+def test_gc_damaged_removes_damaged_steps_only(tmp_path: Path) -> None:
+    store, _ = _store(tmp_path)
+    good = store.cached_step("measure", "g" * 64, lambda w: {"ok": 1})[0]
+    bad = store.cached_step("pass", "b" * 64, lambda w: (w / "x.bin").write_bytes(b"1") and {"ok": 2})[0]
+    (bad / "x.bin").write_bytes(b"2")
+    assert store.gc()["steps"] == 0 and bad.exists()  # plain gc leaves the cache alone
+    removed = store.gc(damaged=True)
+    assert removed["steps"] == 1 and not bad.exists() and good.exists()
+
+
+def _put(store: Store, key: str, payload: bytes) -> None:
+    with store.staging() as tmp:
+        files = tmp / "a"
+        files.mkdir()
+        (files / "model.bin").write_bytes(payload)
+        store.put(key, files, {"sku": "s", "backend": "b", "precision": "float32"})
+
+
+def test_damaged_artifact_is_removed_for_a_rebuild_not_reused(tmp_path: Path) -> None:
+    store, logged = _store(tmp_path)
+    key = "a" * 64
+    _put(store, key, b"good")
+    assert store.reusable(key) is not None and logged == []
+    (store.root / "objects" / key / "model.bin").write_bytes(b"evil")
+    assert store.reusable(key) is None  # the caller builds it again under the same key
+    assert not (store.root / "objects" / key).exists()
+    assert "artifact aaaaaaaaaaaa is damaged" in logged[0] and "building it again" in logged[0]
+    _put(store, key, b"good")
+    assert store.verify(store.get(key)) == []
+
+
+def test_truncated_artifact_json_is_reported_not_a_crash(tmp_path: Path) -> None:
+    store, _ = _store(tmp_path)
+    _put(store, "c" * 64, b"x")
+    (store.root / "objects" / ("c" * 64) / "artifact.json").write_text('{"files": {')
+    arts = store.artifacts()
+    assert [a.key for a in arts] == ["c" * 64]
+    assert store.verify(arts[0]) == ["artifact.json: unreadable (JSONDecodeError)"]
+    with pytest.raises(StoreError, match="damaged"):
+        store.checked("c" * 64)
+    assert store.reusable("c" * 64) is None
+
+
+def test_existing_store_must_exist_and_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(StoreError, match="does not exist") as e:
+        Store.existing(missing)
+    assert e.value.exit_code == 2 and not missing.exists()
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="not an mlopt store"):
+        Store.existing(tmp_path / "plain")
+    Store(tmp_path / "real")
+    assert Store.existing(tmp_path / "real").root == (tmp_path / "real").absolute()
+
+
+HOLDER = """
+import sys, time
+from mlopt.store import Store
+store = Store(sys.argv[1])
+with store.holding("m", int(sys.argv[2])):
+    print("holding", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_version_records_whether_its_compile_finished(tmp_path: Path) -> None:
+    store, _ = _store(tmp_path)
+    v1 = store.version_for("m", "v1", {})
+    with store.holding("m", v1):
+        assert store.models()["m"]["versions"][0]["complete"] is False
+    assert store.models()["m"]["versions"][0]["complete"] is True
+    v2 = store.version_for("m", "v2", {})
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(store.root), str(v2)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        os.kill(proc.pid, signal.SIGKILL)  # a compile killed midway
+    finally:
+        proc.wait()
+    complete = {v["version"]: v["complete"] for v in store.models()["m"]["versions"]}
+    assert complete == {v1: True, v2: False}
+
+
+def test_gc_never_removes_a_version_a_running_compile_holds(tmp_path: Path) -> None:
+    store, _ = _store(tmp_path)
+    _put(store, "h" * 64, b"held")
+    v = store.version_for("m", "v1", {})
+    store.link("m", v, "h" * 64)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(store.root), str(v)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        removed = store.gc(keep_last=0)
+        assert removed["versions"] == 0 and removed["held"] == 1
+        assert store.get("h" * 64) is not None and store.models()["m"]["versions"][0]["version"] == v
+    finally:
+        proc.kill()
+        proc.wait()
+    removed = store.gc(keep_last=0)  # released: now it goes
+    assert removed["versions"] == 1 and store.get("h" * 64) is None
