@@ -10,12 +10,13 @@ is absent (null), never estimated.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from mlopt.core.errors import BadInput
+from mlopt.core.errors import BadInput, MloptError
 from mlopt.core.files import write_json
 from mlopt.core.spec import InputSpec, Record
 
@@ -300,8 +301,23 @@ def manifest_schema() -> dict[str, Any]:
 def write_manifest(manifest: Manifest, path: Path) -> None:
     """Validate against the shipped JSON Schema, then write atomically."""
     data = manifest.model_dump(mode="json")
+    bad = non_finite(data)
+    if bad:  # RFC 8259 has no NaN or infinity: a reader's JSON parser would refuse the file
+        raise MloptError(f"the manifest would hold a non-finite number at {', '.join(bad[:3])}; nothing was written",
+                         hint="report this with the recipe: a figure was computed from bad data")
     validate_manifest(data)
     write_json(path, data, sort_keys=False)
+
+
+def non_finite(data: Any, where: str = "") -> list[str]:
+    """The paths (``entries.0.measurement.accuracy.value``) of NaN or infinite floats in ``data``."""
+    if isinstance(data, float):
+        return [] if math.isfinite(data) else [where or "(top level)"]
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in non_finite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(data, list):
+        return [p for i, v in enumerate(data) for p in non_finite(v, f"{where}.{i}" if where else str(i))]
+    return []
 
 
 def validate_manifest(data: dict[str, Any]) -> None:

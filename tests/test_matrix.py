@@ -360,3 +360,23 @@ def test_timing_waits_while_a_matrix_task_builds_here() -> None:
     with hostlock.timing():
         waited = time.perf_counter() - t0
     assert task.wait() == 0 and waited > 0.5
+
+
+def test_one_unusable_recipe_is_listed_and_the_others_are_built(tmp_path: Path) -> None:
+    good = _tiny(tmp_path)
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: broken\nmodel: {source: [unclosed\n")
+    typo = write_recipe(tmp_path / "typo.yaml", {"name": "typo", "model": {"source": "m.onnx"}, "pases": []})
+    res = CliRunner().invoke(app, ["build-matrix", str(good), str(bad), str(typo), "--targets", "host",
+                                   "--workers", "1", "--store", str(tmp_path / "store"), "--out",
+                                   str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output  # the bad recipes are bad input; the good one was still built
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [(c["recipe"], c["status"]) for c in manifest["matrix"]["cells"]] == [("tiny", "built")]
+    assert manifest["status"] == "failed"
+    errors = manifest["errors"]
+    assert len(errors) == 2 and str(bad) in errors[0] and str(typo) in errors[1] and "pases" in errors[1]
+    assert "Traceback" not in res.output
+    # with every recipe bad there is nothing to build: exit 2 with the first one's error
+    res = CliRunner().invoke(app, ["build-matrix", str(bad), "--targets", "host", "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "broken.yaml" in res.output

@@ -165,3 +165,60 @@ def test_gc_never_removes_a_version_a_running_compile_holds(tmp_path: Path) -> N
         proc.wait()
     removed = store.gc(keep_last=0)  # released: now it goes
     assert removed["versions"] == 1 and store.get("h" * 64) is None
+
+
+# ------------------------------------------------------------------ through the real CLI
+
+FAST = ["--target", "host", "--backend", "onnxruntime", "--batch-sizes", "1", "--runs", "3", "--warmup", "0"]
+
+
+def _compile(tmp_path: Path, store: Path) -> tuple[int, str, dict]:
+    from typer.testing import CliRunner
+
+    from conftest import tiny_onnx
+    from mlopt.cli import app
+
+    model = tmp_path / "m.onnx"
+    if not model.exists():
+        tiny_onnx(model)
+    res = CliRunner().invoke(app, ["compile", str(model), *FAST, "--store", str(store), "--out", str(tmp_path / "out")])
+    return res.exit_code, res.output, json.loads((tmp_path / "out" / "manifest.json").read_text())
+
+
+def test_manifest_is_strict_json_checked_before_it_is_written(tmp_path: Path) -> None:
+    from mlopt.core.errors import MloptError
+    from mlopt.manifest import Manifest, write_manifest
+
+    code, out, data = _compile(tmp_path, tmp_path / "store")
+    assert code == 0, out
+    data["entries"][0]["measurement"]["batches"][0]["p50_ms"] = float("nan")
+    target = tmp_path / "nan.json"
+    with pytest.raises(MloptError, match=r"non-finite number at entries\.0\.measurement\.batches\.0\.p50_ms"):
+        write_manifest(Manifest.model_validate(data), target)
+    assert not target.exists()
+
+
+def test_corrupted_cache_and_artifact_are_rebuilt_by_the_next_compile(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    code, out, first = _compile(tmp_path, store)
+    assert code == 0, out
+    entry = first["entries"][0]
+    # one flipped byte in the chosen build and in the cached ingest model
+    art = store / "objects" / entry["artifact"]["key"]
+    lib = next(p for p in sorted(art.iterdir()) if p.name != "artifact.json" and p.is_file())
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    steps = [p for p in (store / "cache").glob("*/*") if (p / "files.json").is_file()]
+    assert steps
+    (steps[0] / "meta.json").write_text("{")  # a truncated cached record
+    code, out, second = _compile(tmp_path, store)
+    assert code == 0, out
+    assert "is damaged" in out and "building it again" in out and "making it again" in out
+    again = second["entries"][0]
+    # the same backend, rebuilt under the same key with the same bytes: never silently another backend
+    assert again["chosen_backend"] == entry["chosen_backend"]
+    assert again["artifact"]["key"] == entry["artifact"]["key"]
+    assert again["artifact"]["content_digest"] == entry["artifact"]["content_digest"]
+    st = Store(store)
+    assert all(st.verify(a) == [] for a in st.artifacts()) and all(st.verify_step(s) == [] for s in st.steps())

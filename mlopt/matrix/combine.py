@@ -16,8 +16,9 @@ from mlopt.core.files import key_of
 
 
 def combine(tasks: list[Task], results: list[TaskResult], config: MatrixConfig, store: Path,
-            wall_seconds: float) -> Manifest:
-    """The combined manifest of a matrix run (results in the order of ``tasks``)."""
+            wall_seconds: float, refused: list[str] = ()) -> Manifest:
+    """The combined manifest of a matrix run (results in the order of ``tasks``); ``refused`` lists
+    the recipes that could not be used (they fail the run, the others were built)."""
     from mlopt.compiler.run import toolchain
     from mlopt.targets import detect
 
@@ -32,8 +33,8 @@ def combine(tasks: list[Task], results: list[TaskResult], config: MatrixConfig, 
         store=str(store),
         models=_models(manifests),
         entries=[e for m in manifests for e in m["entries"]],
-        status="failed" if severest([r.exit_code for r in results]) else "ok",
-        errors=[f"{t.id}: {r.error}" for t, r in zip(tasks, results) if r.exit_code != 0],
+        status="failed" if refused or severest([r.exit_code for r in results]) else "ok",
+        errors=[*refused, *(f"{t.id}: {r.error}" for t, r in zip(tasks, results) if r.exit_code != 0)],
         stage_seconds={**{f"task {t.id}": r.seconds for t, r in zip(tasks, results)}, "matrix": wall_seconds},
         matrix=MatrixReport(executor=config.executor, workers=config.workers,
                             skus=list(dict.fromkeys(t.sku.name for t in tasks)), recipes=recipes,

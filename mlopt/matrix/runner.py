@@ -15,7 +15,7 @@ from mlopt.matrix import ledger
 from mlopt.matrix.combine import combine, write_task_files
 from mlopt.matrix.progress import Progress
 from mlopt.core.errors import severest
-from mlopt.matrix.tasks import MatrixConfig, Task, TaskResult, plan, store_root
+from mlopt.matrix.tasks import MatrixConfig, Task, TaskResult, plan_all, store_root
 from mlopt.store import Store
 
 ViewFactory = Callable[[list[Task]], Progress]
@@ -34,7 +34,7 @@ class MatrixResult:
 
 def run_matrix(config: MatrixConfig, view: ViewFactory = lambda _: Progress()) -> MatrixResult:
     """Build every recipe for every SKU with ``config.executor``; a failed task does not stop the others."""
-    tasks = plan(config)
+    tasks, refused = plan_all(config)
     out = Path(config.out)
     if config.executor == "k8s":
         from mlopt.matrix.k8s import write_jobs
@@ -47,10 +47,12 @@ def run_matrix(config: MatrixConfig, view: ViewFactory = lambda _: Progress()) -
     wall = round(time.perf_counter() - t0, 3)
     for t, r in zip(tasks, results):
         write_task_files(t, r, out)
-    manifest = combine(tasks, results, config, store.root, wall)
+    manifest = combine(tasks, results, config, store.root, wall,
+                       refused=[f"recipe {path}: {e}" for path, e in refused])
     path = out / "manifest.json"
     write_manifest(manifest, path)
-    return MatrixResult(severest([r.exit_code for r in results]), manifest, path, results)
+    codes = [r.exit_code for r in results] + [e.exit_code for _, e in refused]
+    return MatrixResult(severest(codes), manifest, path, results)
 
 
 def _run(tasks: list[Task], executor: Any, store: Store, config: MatrixConfig, progress: Progress) -> list[TaskResult]:

@@ -114,19 +114,36 @@ class TaskResult:
 
 
 def plan(config: MatrixConfig) -> list[Task]:
+    """Every (recipe, SKU) task; any recipe that cannot be used is an error (see ``plan_all``)."""
+    tasks, refused = plan_all(config)
+    if refused:
+        raise refused[0][1]
+    return tasks
+
+
+def plan_all(config: MatrixConfig) -> tuple[list[Task], list[tuple[str, BadInput]]]:
     """Every (recipe, SKU) task, recipes interleaved so that parallel workers start on different models
-    rather than wait for one model's ingest (the tasks of one recipe share it through the store)."""
+    rather than wait for one model's ingest (the tasks of one recipe share it through the store); and
+    the recipes refused as bad input, each with its error, so one bad recipe does not stop the others.
+    When every recipe is refused, the first one's error is raised."""
     if not config.recipes:
         raise BadInput("build-matrix needs at least one recipe")
     if config.targets is not None and config.targets != "all" and not config.targets:
         raise BadInput("--targets names no SKU; give SKU names (comma-separated) or 'all'")
-    per_recipe = [_recipe_tasks(path, config) for path in config.recipes]
+    per_recipe, refused = [], []
+    for path in config.recipes:
+        try:
+            per_recipe.append(_recipe_tasks(path, config))
+        except BadInput as e:
+            refused.append((path, e))
+    if not per_recipe:
+        raise refused[0][1]
     names = [tasks[0].recipe_name for tasks in per_recipe if tasks]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise BadInput(f"two recipes are named {', '.join(dup)}; a matrix needs distinct recipe names")
     depth = max(len(t) for t in per_recipe)
-    return [tasks[i] for i in range(depth) for tasks in per_recipe if i < len(tasks)]
+    return [tasks[i] for i in range(depth) for tasks in per_recipe if i < len(tasks)], refused
 
 
 def _recipe_tasks(path: str, config: MatrixConfig) -> list[Task]:
@@ -154,7 +171,12 @@ def store_root(config: MatrixConfig) -> Path:
 
     if config.store:
         return Path(config.store).expanduser().resolve()
-    named = {load_recipe(p).store for p in config.recipes}
+    named = set()
+    for p in config.recipes:
+        try:
+            named.add(load_recipe(p).store)
+        except BadInput:  # refused by the plan, listed in the manifest's errors
+            continue
     if len(named) == 1 and None not in named:
         return Path(named.pop()).expanduser()
     return default_store_path()
