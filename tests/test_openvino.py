@@ -196,3 +196,20 @@ def test_compile_measures_openvino_beside_onnxruntime(tmp_path: Path) -> None:
     assert cand["measurement"]["provenance"]["libraries"]["openvino"]
     assert {"model.xml", "model.bin", "ov_config.json", "run_openvino.py"} <= set(cand["artifact"]["files"])
     assert entry["chosen_backend"] in {"onnxruntime", "openvino"}
+
+
+def test_ir_names_do_not_depend_on_what_was_converted_before(tmp_path: Path) -> None:
+    """OpenVINO names some operations from a process-wide counter; the IR must not carry it."""
+    import openvino as ov
+
+    from mlopt.targets.openvino import stable_names
+
+    first, other = tiny_onnx(tmp_path / "a.onnx", op="Relu"), tiny_onnx(tmp_path / "b.onnx", op="Sigmoid", seed=1)
+    xml = []
+    for k in range(2):
+        ov.convert_model(str(other))  # advances OpenVINO's counter between the two conversions
+        model = ov.convert_model(str(first))
+        stable_names(model, first)
+        ov.save_model(model, str(tmp_path / f"ir{k}.xml"))
+        xml.append((tmp_path / f"ir{k}.xml").read_bytes())
+    assert xml[0] == xml[1]

@@ -210,6 +210,7 @@ def export_torch(src: ModelSource, module: Any, out: Path, name: str, sample: di
     ref = _reference_outputs(src, module, args)
     outputs = [f"output{k}" if len(ref) > 1 else "output" for k in range(len(ref))]
     _run_exporter(src, module, args, out, outputs)
+    _strip_provenance(out)
     model = read_onnx(out, list(src.inputs), name)
     got = run_onnx(out, sample)
     check_close(dict(zip(outputs, [r.numpy() for r in ref])), got, src.export_atol, 1e-3, "ONNX export")
@@ -261,6 +262,21 @@ def _run_exporter(src: ModelSource, module: Any, args: tuple, out: Path, outputs
             f"exporting {src.source} to ONNX failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
             hint="check that the module runs on the declared input signature (names, shapes, dtypes)",
         ) from None
+
+
+def _strip_provenance(path: Path) -> None:
+    """Drop what the exporter records about where the code lives (stack traces with absolute paths,
+    the user module's path-derived name in namespaces): the model's digest, its version and every
+    artifact key must not depend on the folder a checkout sits in. The computation is untouched."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    onnx.save(proto, str(path))
 
 
 def _as_list(out: Any) -> list[Any]:

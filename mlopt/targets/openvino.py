@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import platform
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ class OpenVINOBackend(Backend):
         if device is None:
             raise BackendUnavailable(f"{req.sku.name} has no OpenVINO device", hint="set openvino_device in the catalog")
         model = _convert(req.model.onnx_path)
+        stable_names(model, req.model.onnx_path)
         _output_ports(model.outputs, list(req.model.outputs))  # OpenVINO keeps ONNX tensor names: check, fail early
         fp16 = device.split(".")[0] == "GPU" and "float16" in req.sku.dtypes
         ov.save_model(model, str(out / MODEL_FILE), compress_to_fp16=fp16)
@@ -163,6 +165,34 @@ def _convert(onnx_path: Path) -> Any:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise UnsupportedOperator(f"OpenVINO cannot convert the model: {type(e).__name__}: {first}",
                                   hint="use the onnxruntime backend for this model") from None
+
+
+AUTO_NAME = re.compile(r"^([A-Z][A-Za-z0-9]*)_\d+$")
+
+
+def stable_names(model: Any, onnx_path: Path) -> None:
+    """Rename the operations OpenVINO named itself from a process-wide counter (``Reshape_19290``,
+    which depends on what was converted before in the same process) to per-model ones
+    (``Reshape_0``, ``Reshape_1`` in graph order), so one ONNX file always gives the same IR bytes.
+    Names taken from the ONNX graph (nodes, tensors, weights) are kept as they are."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output} | \
+        {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    counters: dict[str, int] = {}
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        m = AUTO_NAME.match(name)
+        if not m or name in taken:
+            continue
+        prefix = m.group(1)
+        while f"{prefix}_{counters.get(prefix, 0)}" in taken:
+            counters[prefix] = counters.get(prefix, 0) + 1
+        new = f"{prefix}_{counters.get(prefix, 0)}"
+        counters[prefix] = counters.get(prefix, 0) + 1
+        taken.add(new)
+        op.set_friendly_name(new)
 
 
 def _output_ports(outputs: Any, names: list[str]) -> dict[str, Any]:
