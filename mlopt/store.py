@@ -289,9 +289,17 @@ class Store:
         if not f.is_file():
             return {"models": {}}
         try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError:
+            index = json.loads(f.read_text())
+        except (ValueError, OSError):  # not JSON, or not UTF-8
             raise StoreError(f"{f} is corrupt", hint="restore it from a backup or move the store aside") from None
+        models = index.get("models") if isinstance(index, dict) else None
+        if not isinstance(models, dict) or not all(
+                isinstance(m, dict) and isinstance(m.get("versions"), list)
+                and all(isinstance(v, dict) and isinstance(v.get("artifacts", []), list) for v in m["versions"])
+                for m in models.values()):
+            raise StoreError(f"{f} is not an mlopt store index (expected {{\"models\": {{NAME: {{\"versions\": [...]}}}}}})",
+                             hint="restore it from a backup or move the store aside")
+        return index
 
     def version_for(self, model: str, version_key: str, info: dict[str, Any]) -> int:
         """The version number of ``version_key`` under ``model``, adding the next one if new."""

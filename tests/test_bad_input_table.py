@@ -84,6 +84,41 @@ def _recipe_huge_batch(tmp: Path) -> list[str]:
     return [str(tmp / "r.yaml")]
 
 
+def _checkpoint_wrong_keys(tmp: Path) -> list[str]:
+    import torch
+
+    torch.save({"not.a.layer": torch.zeros(3)}, tmp / "w.pt")
+    body = NET.format(ret="self.l(x)").replace(
+        "def make():\n    return Net()\n",
+        f"def make():\n    net = Net()\n    net.load_state_dict(torch.load({str(tmp / 'w.pt')!r}))\n    return net\n")
+    return [_torch(tmp, body), "--input", "x:batchx4"]
+
+
+def _two_dynamic_axes(tmp: Path) -> list[str]:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp / "seq.onnx"))
+    return [str(tmp / "seq.onnx")]
+
+
+def _store_index(tmp: Path, text: str) -> list[str]:
+    (tmp / "store").mkdir()
+    (tmp / "store" / "index.json").write_text(text)
+    return [str(tiny_onnx(tmp / "m.onnx"))]
+
+
+def _recipe(tmp: Path, data: dict) -> list[str]:
+    write_recipe(tmp / "r.yaml", {"name": "r", "model": {"source": str(tiny_onnx(tmp / "m.onnx")),
+                                                          "inputs": [{"name": "x", "shape": ["batch", 4]}]}, **data})
+    return [str(tmp / "r.yaml")]
+
+
 # (id, argv builder, expected exit code, a phrase the output must contain)
 COMPILE_CASES: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("onnx-opset-99", lambda t: [str(_onnx(t, opset=99))], 2, "opset"),
@@ -113,6 +148,21 @@ COMPILE_CASES: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
      2, "bad data"),
     ("eval-npz-nan", lambda t: _eval_npz(t), 2, "bad data"),
     ("batch-size-too-big", _recipe_huge_batch, 2, "memory"),
+    ("torch-checkpoint-wrong-keys", _checkpoint_wrong_keys, 2, "state_dict"),
+    ("extra-dynamic-axis-without-dims", _two_dynamic_axes, 2, "benchmark.dims"),
+    ("store-index-wrong-shape", lambda t: _store_index(t, "[1, 2, 3]"), 2, "not an mlopt store index"),
+    ("store-index-not-json", lambda t: _store_index(t, "{models"), 2, "corrupt"),
+    ("onnx-garbage-bytes", lambda t: [str((t / "g.onnx").write_bytes(b"\x08\x01garbage") and t / "g.onnx")], 2, "onnx"),
+    ("onnx-missing-file", lambda t: [str(t / "absent.onnx")], 2, "absent.onnx"),
+    ("input-name-not-in-graph", lambda t: [str(tiny_onnx(t / "m.onnx")), "--input", "nope:batchx4"], 2, "nope"),
+    ("unknown-target", lambda t: [str(tiny_onnx(t / "m.onnx")), "--target", "h1000"], 2, "h1000"),
+    ("unknown-backend", lambda t: _recipe(t, {"backends": ["tensorflow"]}), 2, "tensorflow"),
+    ("unknown-pass", lambda t: _recipe(t, {"passes": [{"kind": "sparsify"}]}), 2, "sparsify"),
+    ("recipe-unknown-key", lambda t: _recipe(t, {"benchmarks": {}}), 2, "benchmarks"),
+    ("batch-size-zero", lambda t: _recipe(t, {"benchmark": {"batch_sizes": [0]}}), 2, "batch"),
+    ("name-path-traversal", lambda t: _recipe(t, {"model": {"source": str(tiny_onnx(t / "m.onnx")), "name": "../x",
+                                                            "inputs": [{"name": "x", "shape": ["batch", 4]}]}}),
+     2, "name"),
 ]
 
 
