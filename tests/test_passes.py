@@ -15,10 +15,11 @@ from mlopt.cli import app
 from mlopt.compiler import ingest
 from mlopt.compiler.data import Batches
 from mlopt.core.model import Model
-from mlopt.compiler.passes import PassContext, get_pass
+from mlopt.passes import PassContext, get_pass
 from mlopt.core.errors import BadInput, RecipeError
 from mlopt.recipes import recipe_from_dict
-from mlopt.recipes.schema import InputSpec, ModelSource, QuantizePass
+from mlopt.passes.quantize import QuantizePass
+from mlopt.recipes.schema import InputSpec, ModelSource
 
 runner = CliRunner()
 
@@ -201,7 +202,7 @@ def test_structured_prune_removes_channels(tmp_path: Path) -> None:
     x, y = _digits()
     module = _train(_cnn(), x, y)
     model = _model(module, tmp_path, ["batch", 1, 8, 8], x)
-    from mlopt.recipes.schema import PrunePass
+    from mlopt.passes.prune import PrunePass
 
     cfg = PrunePass(kind="prune", method="structured", ratio=0.5, finetune_steps=60)
     new, details = get_pass("prune")(model, cfg, _ctx(tmp_path, x, y, ["batch", 1, 8, 8]))
@@ -233,7 +234,7 @@ def test_structured_prune_removes_attention_heads(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     ids, y = rng.integers(0, 50, (128, 8)).astype(np.int64), rng.integers(0, 3, 128).astype(np.int64)
     model = _model(Classifier().eval(), tmp_path, ["batch", 8], ids, dtype="int64")
-    from mlopt.recipes.schema import PrunePass
+    from mlopt.passes.prune import PrunePass
 
     cfg = PrunePass(kind="prune", ratio=0.0, heads=0.5, finetune_steps=5)
     new, details = get_pass("prune")(model, cfg, _ctx(tmp_path, ids, y, ["batch", 8], dtype="int64"))
@@ -248,7 +249,7 @@ def test_structured_prune_removes_attention_heads(tmp_path: Path) -> None:
 def test_unstructured_prune_says_it_is_not_faster(tmp_path: Path) -> None:
     x, y = _digits()
     model = _model(_train(_cnn(), x, y), tmp_path, ["batch", 1, 8, 8], x)
-    from mlopt.recipes.schema import PrunePass
+    from mlopt.passes.prune import PrunePass
 
     cfg = PrunePass(kind="prune", method="unstructured", ratio=0.6, finetune_steps=20)
     new, details = get_pass("prune")(model, cfg, _ctx(tmp_path, x, y, ["batch", 1, 8, 8]))
@@ -263,7 +264,7 @@ def test_distill_trains_student(tmp_path: Path) -> None:
     x, y = _digits()
     teacher = _train(_cnn(32), x, y, steps=200)
     model = _model(teacher, tmp_path, ["batch", 1, 8, 8], x)
-    from mlopt.recipes.schema import DistillPass
+    from mlopt.passes.distill import DistillPass
 
     cfg = DistillPass(kind="distill", student={"from": "prune", "ratio": 0.5}, steps=150, lr=3e-3)
     new, details = get_pass("distill")(model, cfg, _ctx(tmp_path, x, y, ["batch", 1, 8, 8]))

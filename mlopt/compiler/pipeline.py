@@ -21,7 +21,7 @@ from mlopt.compiler.builds import build_sku
 from mlopt.compiler.data import concat_outputs, score
 from mlopt.compiler.measure import time_runner
 from mlopt.core.model import Model
-from mlopt.compiler.passes import CHANGES_OUTPUTS, TORCH_PASSES, PassContext, get_pass
+from mlopt.passes import PassContext, get_pass
 from mlopt.core.util import Log
 from mlopt.compiler.run import Run, evaluate, geomean, toolchain
 from mlopt.core.errors import BackendUnavailable, BadInput, BudgetExceeded, GateFailed, severest
@@ -112,16 +112,7 @@ def _log_host(skus: list[tuple[Any, str | None]], log: Log) -> None:
 
 
 def _check_names(recipe: Recipe) -> None:
-    seen_quantize = False
-    for step in recipe.passes:
-        get_pass(step.kind)
-        if step.kind in TORCH_PASSES and recipe.model.kind == "onnx":
-            raise BadInput(f"pass {step.kind} trains the PyTorch module, and this recipe's model source is ONNX "
-                           f"only ({Path(recipe.model.source).name})",
-                           hint="give model.source as a PyTorch factory 'model.py:function' or a .pt2 file")
-        if step.kind in TORCH_PASSES and seen_quantize:
-            raise BadInput(f"pass {step.kind} must come before quantize (it trains the float PyTorch module)")
-        seen_quantize |= step.kind == "quantize"
+    # pass kinds and their order are checked when the recipe loads (mlopt.recipes.schema.Recipe)
     for name in recipe.all_backends():
         get_backend(name)  # raises UnknownName listing the backends
 
@@ -275,10 +266,6 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: dict[str,
     key = key_of({"model": model.digest, "step": step.model_dump(mode="json"), "budget": budget.model_dump(),
                   "calibration": run.data_key("calibration"), "evaluation": run.data_key("evaluation"),
                   "versions": toolchain()})
-
-    if step.kind in TORCH_PASSES and model.module_fn is None:
-        raise BadInput(f"pass {name} ({step.kind}) trains the PyTorch module: put it before quantize, "
-                       "and give a PyTorch source (model.py:factory or .pt2)")
     produced: dict[str, Any] = {}
 
     def produce(work: Path) -> dict[str, Any]:
@@ -305,14 +292,15 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: dict[str,
 
 def _recompute(run: Run, model: Model, step: Any, reference: dict[str, Any]) -> Callable[[], Any] | None:
     """A cached pass's module, rebuilt on demand (only a later training pass that missed the cache asks)."""
-    if step.kind == "graph-optimize":
+    spec = get_pass(step.kind)
+    if not spec.changes_outputs:  # the module still describes the result
         return model.module_fn
-    if step.kind not in TORCH_PASSES:
+    if not spec.trains_module:
         return None
 
     def rebuild() -> Any:
         with run.store.staging() as tmp:
-            new, _ = get_pass(step.kind)(model, step, _pass_context(run, tmp, reference))
+            new, _ = spec(model, step, _pass_context(run, tmp, reference))
             return new.module_fn()
 
     return rebuild
@@ -320,7 +308,7 @@ def _recompute(run: Run, model: Model, step: Any, reference: dict[str, Any]) -> 
 
 def _gate(run: Run, old: Model, new: Model, step: Any, reference: dict[str, Any]) -> dict[str, Any]:
     """Judge a pass: the accuracy budget for passes that change outputs, numerics for the others."""
-    if not CHANGES_OUTPUTS[step.kind]:
+    if not get_pass(step.kind).changes_outputs:
         feed = run.sample_feed(2)
         ingest.check_close(ingest.run_onnx(old.onnx_path, feed), ingest.run_onnx(new.onnx_path, feed),
                            1e-4, 1e-3, f"pass {step.kind}")

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from mlopt.core.errors import RecipeError
 from mlopt.core.files import deep_merge
+from mlopt.passes import PASSES
 from mlopt.recipes.schema import Recipe
 
 
@@ -54,7 +55,7 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "union_tag_invalid":
         return f"{loc}: {err['msg']}"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc or '(top level)'}: {msg}"
+    return f"{loc}: {msg}" if loc else msg  # a rule across fields (the pass order) names its fields itself
 
 
 def _suggest(err: dict[str, Any]) -> str:
@@ -72,10 +73,9 @@ def _fields_at(path: list[Any]) -> list[str]:
             continue
         info = getattr(model, "model_fields", {}).get(part)
         if info is None:
-            # a discriminated union member ("graph-optimize"): look it up by its tag
-            from mlopt.compiler.passes import PASS_CONFIGS
-
-            model = PASS_CONFIGS.get(part)
+            # a discriminated union member ("graph-optimize"): look its config up by its tag
+            spec = PASSES.get(part)
+            model = spec.config if spec is not None else None
             continue
         model = _model_of(info.annotation)
     return sorted(getattr(model, "model_fields", {}))

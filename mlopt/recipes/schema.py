@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mlopt.core.spec import InputSpec, Strict
 from mlopt.core.util import NAME_RULE, is_safe_name
+from mlopt.passes import PASSES
 
 RECIPE_SCHEMA_VERSION = 1
 
@@ -126,119 +127,8 @@ class AccuracyBudget(Strict):
     )
 
 
-class GraphOptimizePass(Strict):
-    """Portable graph clean-up: constant folding, dead-code and identity removal, shape inference.
-
-    The result is standard ONNX that every backend reads.
-    """
-
-    kind: Literal["graph-optimize"]
-    name: str | None = Field(None, description="Label of this step in reports (defaults to the kind).")
-    on_violation: Literal["fail", "skip"] | None = Field(None, description="Overrides accuracy.on_violation.")
-    fold_constants: bool = Field(True, description="Fold constant subgraphs into initializers.")
-
-
-class QuantSearch(Strict):
-    """The space the accuracy-aware search tries; every combination is one candidate."""
-
-    per_channel: list[bool] = Field(default_factory=lambda: [True, False])
-    calibration: list[Literal["minmax", "entropy", "percentile"]] = Field(default_factory=lambda: ["minmax", "percentile"])
-    keep_float: list[int] = Field(
-        default_factory=lambda: [0, 2, 4, 8],
-        description="How many of the most sensitive nodes (per-node sensitivity analysis) stay in float.",
-    )
-    precisions: list[Literal["int8-static", "int8-dynamic", "bf16"]] = Field(
-        default_factory=lambda: ["int8-static"], description="Precisions to try besides the configured mode.")
-    max_candidates: int = Field(24, gt=0, description="Stop after this many candidates.")
-
-
-class QuantizePass(Strict):
-    """Quantization or precision conversion of the ONNX model (ONNX Runtime's quantization tools)."""
-
-    kind: Literal["quantize"]
-    name: str | None = None
-    on_violation: Literal["fail", "skip"] | None = None
-    mode: Literal["int8-static", "int8-dynamic", "weight-only", "fp16", "bf16"] = Field(
-        "int8-static", description="int8-static: QDQ with calibration; int8-dynamic: MatMul/Gemm weights int8, "
-        "activations quantized at run time; weight-only: int4/int8 MatMul weights; fp16/bf16: float precision.")
-    per_channel: bool = Field(True, description="Per-channel (True) or per-tensor weight scales.")
-    calibration: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Calibration method.")
-    calibration_batches: int = Field(8, gt=0, description="Calibration batches taken from data.calibration.")
-    op_types: list[str] | None = Field(None, description="Operator types to quantize (default: the mode's).")
-    exclude_nodes: list[str] = Field(default_factory=list, description="Node names left in float.")
-    float_input_channels: int = Field(
-        0, ge=0, description="int8-static: Conv layers with at most this many input channels per group (an "
-        "image's first layer) stay in float; int8 kernels are slow on such thin inputs.")
-    weight_bits: Literal[4, 8] = Field(4, description="weight-only: bits per weight.")
-    block_size: int = Field(32, ge=16, description="weight-only: weights per scale (a power of two).")
-    keep_io_types: bool = Field(True, description="fp16/bf16: keep float32 inputs and outputs.")
-    search: bool = Field(False, description="Accuracy-aware search: keep the fastest candidate inside the budget.")
-    search_space: QuantSearch = Field(default_factory=QuantSearch)
-
-    @model_validator(mode="after")
-    def _check(self) -> "QuantizePass":
-        if self.search and self.mode not in ("int8-static", "int8-dynamic"):
-            raise ValueError("search: true needs mode int8-static or int8-dynamic")
-        if self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size {self.block_size} must be a power of two")
-        return self
-
-
-class PrunePass(Strict):
-    """Structured pruning that removes channels/neurons (torch-pruning), or unstructured magnitude pruning."""
-
-    kind: Literal["prune"]
-    name: str | None = None
-    on_violation: Literal["fail", "skip"] | None = None
-    method: Literal["structured", "unstructured"] = "structured"
-    ratio: float = Field(0.5, ge=0, lt=1, description="Fraction of channels (structured) or weights (unstructured) removed.")
-    heads: float = Field(0.0, ge=0, lt=1, description="structured: fraction of attention heads removed in BERT-style "
-                         "self-attention (query/key/value Linear layers and an output projection), lowest norm first.")
-    importance: Literal["magnitude", "taylor", "lamp", "random"] = Field("magnitude", description="Channel importance criterion.")
-    global_pruning: bool = Field(False, description="Rank channels across layers (True) or prune each layer by ratio.")
-    ignore: list[str] = Field(default_factory=list, description="Module names left whole (the classifier head is always kept).")
-    finetune_steps: int = Field(200, ge=0, description="Fine-tuning steps on data.calibration after pruning (labels needed).")
-    lr: float = Field(1e-3, gt=0, description="Fine-tuning learning rate (Adam).")
-
-    @model_validator(mode="after")
-    def _check(self) -> "PrunePass":
-        if self.ratio == 0 and self.heads == 0:
-            raise ValueError("nothing to prune: set ratio (channels or weights) or heads above 0")
-        if self.heads and self.method != "structured":
-            raise ValueError("heads applies to structured pruning only")
-        return self
-
-
-class StudentFromPrune(Strict):
-    from_: Literal["prune"] = Field(alias="from")
-    ratio: float = Field(0.5, gt=0, lt=1)
-    importance: Literal["magnitude", "taylor", "lamp", "random"] = "magnitude"
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class DistillPass(Strict):
-    """Train a student on the teacher's soft targets (temperature-scaled KL) plus the task loss."""
-
-    kind: Literal["distill"]
-    name: str | None = None
-    on_violation: Literal["fail", "skip"] | None = None
-    student: Union[str, StudentFromPrune] = Field(
-        description="A 'module:factory' returning the student nn.Module, or {from: prune, ratio: 0.5}.")
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs the task loss.")
-    steps: int = Field(300, gt=0, description="Optimizer steps over data.calibration (cycled).")
-    lr: float = Field(1e-3, gt=0)
-
-    @field_validator("student")
-    @classmethod
-    def _student(cls, v: Union[str, StudentFromPrune]) -> Union[str, StudentFromPrune]:
-        if isinstance(v, str) and ":" not in v:
-            raise ValueError(f"student {v!r} must be 'module:factory' or {{from: prune, ratio: 0.5}}")
-        return v
-
-
-PassStep = Annotated[Union[GraphOptimizePass, QuantizePass, PrunePass, DistillPass], Field(discriminator="kind")]
+# The pass steps: one config model per registered pass (``mlopt.passes``), told apart by ``kind``.
+PassStep = Annotated[Union[tuple(spec.config for spec in PASSES.values())], Field(discriminator="kind")]
 
 
 class Tuning(Strict):
@@ -413,6 +303,24 @@ class Recipe(Strict):
             raise ValueError("targets must name at least one SKU (see `mlopt targets`)")
         return list(dict.fromkeys(v))
 
+    @model_validator(mode="after")
+    def _pass_order(self) -> "Recipe":
+        """A pass that trains the PyTorch module needs one: a PyTorch source, and no pass before it that drops it."""
+        dropped_by = None  # the first pass after which only ONNX is left (quantization)
+        for i, step in enumerate(self.passes):
+            spec, label = PASSES[step.kind], _step_label(step, i)
+            if spec.trains_module and self.model.kind == "onnx":
+                raise ValueError(
+                    f"pass {label} trains the PyTorch module, and this recipe's model source is ONNX only "
+                    f"({Path(self.model.source).name}): give model.source as a PyTorch factory 'model.py:function' "
+                    "or a .pt2 file")
+            if spec.trains_module and dropped_by is not None:
+                raise ValueError(f"pass {label} must come before {dropped_by}: it trains the float PyTorch module, "
+                                 "and only the ONNX model is left after that pass")
+            if not spec.keeps_module and dropped_by is None:
+                dropped_by = label
+        return self
+
     @property
     def model_name(self) -> str:
         return self.model.name or self.name
@@ -450,6 +358,12 @@ class Recipe(Strict):
         return self.model_copy(update={"model": model, "data": data, "passes": passes, **dirs,
                                        "image": self.image.resolved(base),
                                        "gates": self.gates.resolved(base)})
+
+
+def _step_label(step: Strict, index: int) -> str:
+    """How an error names a pass step: 'prune (passes[1])', or "prune 'small' (passes[1])" when it has a name."""
+    kind, name = step.kind, step.name  # type: ignore[attr-defined]  (every pass config has both)
+    return f"{kind} {name!r} (passes[{index}])" if name and name != kind else f"{kind} (passes[{index}])"
 
 
 def resolve_source(p: str | None, base: Path) -> str | None:

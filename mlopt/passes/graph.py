@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from mlopt.core.model import Model
-from mlopt.compiler.passes import PassContext, register, save_onnx
-from mlopt.recipes.schema import GraphOptimizePass
+from mlopt.core.spec import Strict
+from mlopt.passes import PassContext, register, save_onnx
 
 
-@register("graph-optimize")
+class GraphOptimizePass(Strict):
+    """Portable graph clean-up: constant folding, dead-code and identity removal, shape inference.
+
+    The result is standard ONNX that every backend reads.
+    """
+
+    kind: Literal["graph-optimize"]
+    name: str | None = Field(None, description="Label of this step in reports (defaults to the kind).")
+    on_violation: Literal["fail", "skip"] | None = Field(None, description="Overrides accuracy.on_violation.")
+    fold_constants: bool = Field(True, description="Fold constant subgraphs into initializers.")
+
+
+@register("graph-optimize", config=GraphOptimizePass, changes_outputs=False)
 def graph_optimize(model: Model, cfg: GraphOptimizePass, ctx: PassContext) -> tuple[Model, dict[str, Any]]:
     """Constant folding, dead-node removal and shape inference (onnxscript's optimizer)."""
     import onnx

@@ -7,17 +7,48 @@ The student is given ('module:factory') or derived from the teacher by structure
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal, Union
+
+from pydantic import ConfigDict, Field, field_validator
 
 from mlopt.core.callables import load_callable
-from mlopt.core.model import Model
-from mlopt.compiler.passes import PassContext, register
-from mlopt.compiler.passes.prune import count, example_args, finetune, need_module, prune_structured
 from mlopt.core.errors import BadInput
-from mlopt.recipes.schema import DistillPass
+from mlopt.core.model import Model
+from mlopt.core.spec import Strict
+from mlopt.passes import PassContext, register
+from mlopt.passes.prune import count, example_args, finetune, need_module, prune_structured
 
 
-@register("distill")
+class StudentFromPrune(Strict):
+    from_: Literal["prune"] = Field(alias="from")
+    ratio: float = Field(0.5, gt=0, lt=1)
+    importance: Literal["magnitude", "taylor", "lamp", "random"] = "magnitude"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DistillPass(Strict):
+    """Train a student on the teacher's soft targets (temperature-scaled KL) plus the task loss."""
+
+    kind: Literal["distill"]
+    name: str | None = None
+    on_violation: Literal["fail", "skip"] | None = None
+    student: Union[str, StudentFromPrune] = Field(
+        description="A 'module:factory' returning the student nn.Module, or {from: prune, ratio: 0.5}.")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs the task loss.")
+    steps: int = Field(300, gt=0, description="Optimizer steps over data.calibration (cycled).")
+    lr: float = Field(1e-3, gt=0)
+
+    @field_validator("student")
+    @classmethod
+    def _student(cls, v: Union[str, StudentFromPrune]) -> Union[str, StudentFromPrune]:
+        if isinstance(v, str) and ":" not in v:
+            raise ValueError(f"student {v!r} must be 'module:factory' or {{from: prune, ratio: 0.5}}")
+        return v
+
+
+@register("distill", config=DistillPass, changes_outputs=True, trains_module=True)
 def distill(model: Model, cfg: DistillPass, ctx: PassContext) -> tuple[Model, dict[str, Any]]:
     teacher = need_module(model, "distill")
     if ctx.calibration is None:

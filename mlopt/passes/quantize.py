@@ -10,15 +10,18 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
+from pydantic import Field, model_validator
 
-from mlopt.core.model import Model
-from mlopt.compiler.passes import PassContext, register
 from mlopt.core.errors import BadInput
-from mlopt.recipes.schema import QuantizePass
+from mlopt.core.model import Model
+from mlopt.core.spec import Strict
 from mlopt.core.util import scratch_cwd
+from mlopt.passes import PassContext, register
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # The compute-heavy ops, plus those that are exact in int8 and keep a chain of convolutions in int8
 # (no Dequantize/Quantize between them). Quantizing every op (Add, Softmax ...) collapses accuracy.
@@ -27,7 +30,53 @@ DYNAMIC_OPS = ["MatMul", "Gemm"]
 CONV_SHARE_LIMIT = 0.5  # int8-dynamic is refused when convolutions hold more of the weights than this
 
 
-@register("quantize")
+class QuantSearch(Strict):
+    """The space the accuracy-aware search tries; every combination is one candidate."""
+
+    per_channel: list[bool] = Field(default_factory=lambda: [True, False])
+    calibration: list[Literal["minmax", "entropy", "percentile"]] = Field(default_factory=lambda: ["minmax", "percentile"])
+    keep_float: list[int] = Field(
+        default_factory=lambda: [0, 2, 4, 8],
+        description="How many of the most sensitive nodes (per-node sensitivity analysis) stay in float.",
+    )
+    precisions: list[Literal["int8-static", "int8-dynamic", "bf16"]] = Field(
+        default_factory=lambda: ["int8-static"], description="Precisions to try besides the configured mode.")
+    max_candidates: int = Field(24, gt=0, description="Stop after this many candidates.")
+
+
+class QuantizePass(Strict):
+    """Quantization or precision conversion of the ONNX model (ONNX Runtime's quantization tools)."""
+
+    kind: Literal["quantize"]
+    name: str | None = None
+    on_violation: Literal["fail", "skip"] | None = None
+    mode: Literal["int8-static", "int8-dynamic", "weight-only", "fp16", "bf16"] = Field(
+        "int8-static", description="int8-static: QDQ with calibration; int8-dynamic: MatMul/Gemm weights int8, "
+        "activations quantized at run time; weight-only: int4/int8 MatMul weights; fp16/bf16: float precision.")
+    per_channel: bool = Field(True, description="Per-channel (True) or per-tensor weight scales.")
+    calibration: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Calibration method.")
+    calibration_batches: int = Field(8, gt=0, description="Calibration batches taken from data.calibration.")
+    op_types: list[str] | None = Field(None, description="Operator types to quantize (default: the mode's).")
+    exclude_nodes: list[str] = Field(default_factory=list, description="Node names left in float.")
+    float_input_channels: int = Field(
+        0, ge=0, description="int8-static: Conv layers with at most this many input channels per group (an "
+        "image's first layer) stay in float; int8 kernels are slow on such thin inputs.")
+    weight_bits: Literal[4, 8] = Field(4, description="weight-only: bits per weight.")
+    block_size: int = Field(32, ge=16, description="weight-only: weights per scale (a power of two).")
+    keep_io_types: bool = Field(True, description="fp16/bf16: keep float32 inputs and outputs.")
+    search: bool = Field(False, description="Accuracy-aware search: keep the fastest candidate inside the budget.")
+    search_space: QuantSearch = Field(default_factory=QuantSearch)
+
+    @model_validator(mode="after")
+    def _check(self) -> "QuantizePass":
+        if self.search and self.mode not in ("int8-static", "int8-dynamic"):
+            raise ValueError("search: true needs mode int8-static or int8-dynamic")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size {self.block_size} must be a power of two")
+        return self
+
+
+@register("quantize", config=QuantizePass, changes_outputs=True)
 def quantize(model: Model, cfg: QuantizePass, ctx: PassContext) -> tuple[Model, dict[str, Any]]:
     """Run one quantization, or the accuracy-aware search over many."""
     if cfg.search:
@@ -141,6 +190,7 @@ def _weight_only(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: lis
 
 def gemm_to_matmul(proto: Any) -> tuple[Any, int]:
     """Rewrite Gemm(A, constant B, C) as MatMul + Add, so MatMul-only quantizers see Linear layers."""
+    import numpy as np
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in proto.graph.initializer}
@@ -181,6 +231,7 @@ def _float16(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[st
 
 def _bfloat16(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str], out: Path) -> dict[str, Any]:
     """bf16 weights and compute: the fp16 conversion's graph with every float16 retyped to bfloat16."""
+    import numpy as np
     import onnx
     from onnx import TensorProto, numpy_helper
 
@@ -203,6 +254,7 @@ def _bfloat16(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[s
 
 
 def _bf16_tensor(arr: np.ndarray, name: str) -> Any:
+    import numpy as np
     from onnx import TensorProto, helper
 
     bits = (arr.astype(np.float32).view(np.uint32) + 0x7FFF + ((arr.view(np.uint32) >> 16) & 1)) >> 16
@@ -212,6 +264,7 @@ def _bf16_tensor(arr: np.ndarray, name: str) -> Any:
 
 def conv_weight_share(path: Path) -> float:
     """Fraction of the weights (initializer elements) that feed Conv nodes."""
+    import numpy as np
     import onnx
 
     proto = onnx.load(str(path))
@@ -223,6 +276,7 @@ def conv_weight_share(path: Path) -> float:
 
 def _counts(path: Path) -> dict[str, Any]:
     """What the quantized graph holds: QDQ pairs, integer ops, and int8 weights."""
+    import numpy as np
     import onnx
     from onnx import TensorProto
 
@@ -303,28 +357,44 @@ def _sensitivity(model: Model, cfg: QuantizePass, ctx: PassContext) -> list[str]
     """Quantizable nodes, most sensitive first: the output error when only that node is quantized."""
     import onnx
 
-    from mlopt.compiler.ingest import run_onnx
-
     ops = cfg.op_types or (STATIC_OPS if cfg.mode == "int8-static" else DYNAMIC_OPS)
     pre = onnx.load(str(_preprocessed(model, ctx)))
     names = [n.name for n in pre.graph.node if n.op_type in ops and n.name]
     feed = (ctx.calibration.feeds[0] if ctx.calibration is not None else None)
     if feed is None:
         return []
-    ref = next(iter(run_onnx(model.onnx_path, feed).values()))
+    ref = next(iter(_run_onnx(model.onnx_path, feed).values()))
     errors = {}
     for name in names:
         one = QuantizePass.model_validate({**cfg.model_dump(), "search": False})
         out = ctx.workdir / "sensitivity.onnx"
         _apply(model, one, ctx, [n for n in names if n != name], out)  # only this node quantized
-        got = next(iter(run_onnx(out, feed).values()))
+        got = next(iter(_run_onnx(out, feed).values()))
         errors[name] = _cos_error(ref, got)
     ctx.log(f"[quantize] sensitivity of {len(names)} nodes; most sensitive: "
             + ", ".join(f"{n} ({errors[n]:.2e})" for n in sorted(errors, key=errors.get, reverse=True)[:4]))
     return sorted(errors, key=errors.get, reverse=True)
 
 
+def _run_onnx(path: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One run of an ONNX file as the reference runs it (ONNX Runtime CPU, basic optimizations, one thread).
+
+    Written here, not imported from the compiler, because passes sit below it in the layers.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feed)))
+
+
 def _cos_error(a: np.ndarray, b: np.ndarray) -> float:
+    import numpy as np
+
     a2, b2 = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     cos = np.sum(a2 * b2, 1) / np.maximum(np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1), 1e-12)
     return float(np.mean(1 - cos))

@@ -7,12 +7,39 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
-from mlopt.core.model import Model
-from mlopt.compiler.passes import PassContext, register
+from pydantic import Field, model_validator
+
 from mlopt.core.errors import BadInput
-from mlopt.recipes.schema import PrunePass
+from mlopt.core.model import Model
+from mlopt.core.spec import Strict
+from mlopt.passes import PassContext, register
+
+
+class PrunePass(Strict):
+    """Structured pruning that removes channels/neurons (torch-pruning), or unstructured magnitude pruning."""
+
+    kind: Literal["prune"]
+    name: str | None = None
+    on_violation: Literal["fail", "skip"] | None = None
+    method: Literal["structured", "unstructured"] = "structured"
+    ratio: float = Field(0.5, ge=0, lt=1, description="Fraction of channels (structured) or weights (unstructured) removed.")
+    heads: float = Field(0.0, ge=0, lt=1, description="structured: fraction of attention heads removed in BERT-style "
+                         "self-attention (query/key/value Linear layers and an output projection), lowest norm first.")
+    importance: Literal["magnitude", "taylor", "lamp", "random"] = Field("magnitude", description="Channel importance criterion.")
+    global_pruning: bool = Field(False, description="Rank channels across layers (True) or prune each layer by ratio.")
+    ignore: list[str] = Field(default_factory=list, description="Module names left whole (the classifier head is always kept).")
+    finetune_steps: int = Field(200, ge=0, description="Fine-tuning steps on data.calibration after pruning (labels needed).")
+    lr: float = Field(1e-3, gt=0, description="Fine-tuning learning rate (Adam).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrunePass":
+        if self.ratio == 0 and self.heads == 0:
+            raise ValueError("nothing to prune: set ratio (channels or weights) or heads above 0")
+        if self.heads and self.method != "structured":
+            raise ValueError("heads applies to structured pruning only")
+        return self
 
 
 def need_module(model: Model, what: str) -> Any:
@@ -22,7 +49,7 @@ def need_module(model: Model, what: str) -> Any:
     return model.module_fn()
 
 
-@register("prune")
+@register("prune", config=PrunePass, changes_outputs=True, trains_module=True)
 def prune(model: Model, cfg: PrunePass, ctx: PassContext) -> tuple[Model, dict[str, Any]]:
     module = copy.deepcopy(need_module(model, f"prune {cfg.method}"))
     feed = ctx.calibration.feeds[0] if ctx.calibration is not None else None
