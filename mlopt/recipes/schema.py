@@ -1,7 +1,8 @@
 """The recipe: a strict description of one compile job (what to build, how, for which SKUs).
 
-Every field is documented here; ``mlopt recipe schema`` prints the JSON Schema generated from
-these models. Unknown keys are errors. ``RECIPE_SCHEMA_VERSION`` changes when a field changes
+Every field is documented here, except each pass's settings, which live beside the pass in
+``mlopt/passes/`` (the ``passes`` list is built from that registry); ``mlopt recipe schema`` prints
+the JSON Schema generated from these models. Unknown keys are errors. ``RECIPE_SCHEMA_VERSION`` changes when a field changes
 meaning; new optional fields keep the version.
 """
 
