@@ -254,7 +254,7 @@ def compile_cmd(
 
             typer.echo(dump_recipe(recipe), nl=False)
             return 0
-        from mlopt.compiler.pipeline import build
+        from mlopt.compiler.pipeline import compile
         from mlopt.store import Store
         from mlopt.core.util import stdout_to_stderr
 
@@ -267,7 +267,7 @@ def compile_cmd(
                     status.update(f"compiling {recipe.name}: {message[8:]} ...")
 
             with stdout_to_stderr() if as_json else contextlib.nullcontext():
-                result = build(recipe, st, log)
+                result = compile(recipe, st, log)
         if as_json:
             typer.echo(json.dumps(result.manifest.model_dump(mode="json"), indent=2))
         else:
@@ -276,10 +276,8 @@ def compile_cmd(
             out.print(f"manifest: {result.manifest_path}")
         for e in result.manifest.errors:
             err.print(f"[red]failed:[/] {e}", highlight=False)
-        if result.exit_code == 0 and recipe.image.push:
-            from mlopt.package.publish import publish
-
-            publish(result.manifest_path, recipe, st, lambda m: console.print(m, highlight=False, markup=False))
+        if result.error is not None:  # the build was reported above; publishing its images failed
+            raise result.error
         return result.exit_code
 
     raise typer.Exit(guarded(go))

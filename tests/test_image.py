@@ -26,7 +26,9 @@ from typer.testing import CliRunner
 from mlopt.cli import app
 from mlopt.package.image import read_record
 from mlopt.package.oci import Layout
-from mlopt.package.publish import PushOptions, publish, push_one
+from mlopt.compiler.publish import publish
+from mlopt.manifest import read_manifest
+from mlopt.package.publish import PushOptions, push_one
 from mlopt.core.refs import parse_ref
 from mlopt.recipes import load_recipe
 from mlopt.store import Store
@@ -302,11 +304,14 @@ def test_publish_builds_and_pushes_from_the_recipe(digits_build: dict, manifest:
     recipe = load_recipe(digits_build["recipe"], {"image": {"base_image": f"oci:{base}:base", "push": True,
                                                             "registry": f"{reg}/mlopt/published"},
                                                   "serving": {"latency_sla_ms": 5}})
-    images = publish(manifest, recipe, log=lambda m: None)
+    m = read_manifest(manifest)
+    images = publish(m, recipe, tmp_path / "image", log=lambda _: None)
     assert {i.sku for i in images} == ALL_SKUS
     for i in images:
         assert json.loads(skopeo_inspect(f"{reg}/mlopt/published:{i.tag}").stdout)["Digest"] == i.digest
     assert [i.tag for i in read_record(tmp_path / "image")] == [i.tag for i in images]
+    recorded = {e.sku: e.image for e in m.entries}  # in the manifest given, which the caller then writes
+    assert all(recorded[i.sku].digest == i.digest and recorded[i.sku].pushed == i.pushed for i in images)
 
 
 def test_export_k8s_uses_the_pushed_digest(images: Path, manifest: Path, reg: str, tmp_path: Path) -> None:
@@ -344,6 +349,44 @@ def test_compile_push_builds_and_pushes_each_skus_image(digits_build: dict, base
         assert json.loads(info.stdout)["Labels"]["dev.mlopt.model"] == "digits-cnn"
     bad = runner.invoke(app, ["compile", str(recipe), "--store", str(digits_build["store"]), "--push"])
     assert bad.exit_code == 2 and "registry" in bad.output  # --push needs a registry: refused before building
+
+
+def test_compile_push_writes_the_manifest_once(digits_build: dict, base: Path, reg: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest is written once, after the images were built and pushed, with their digests."""
+    import mlopt.compiler.pipeline
+    import mlopt.package.image
+    from conftest import digits_recipe
+
+    written = []
+    for module in (mlopt.compiler.pipeline, mlopt.package.image):
+        real = module.write_manifest
+        monkeypatch.setattr(module, "write_manifest", lambda m, path, real=real: (written.append(path), real(m, path)))
+    recipe = digits_recipe(tmp_path)
+    res = runner.invoke(app, ["compile", str(recipe), "--store", str(digits_build["store"]), "--push",
+                              "--registry", f"{reg}/mlopt/once", "--base-image", f"oci:{base}:base"])
+    assert res.exit_code == 0, res.output
+    assert written == [tmp_path / "out" / "manifest.json"]
+    entries = json.loads(written[0].read_text())["entries"]
+    assert all(e["image"]["pushed"] == [f"{reg}/mlopt/once:{e['image']['tag']}@{e['image']['digest']}"] for e in entries)
+
+
+def test_compile_push_that_fails_keeps_the_build_and_its_manifest(digits_build: dict, base: Path,
+                                                                 tmp_path: Path) -> None:
+    """The manifest is written once, after the push; a push that fails still writes it, with the images
+    built (not pushed), and the build is reported before the registry's error."""
+    from conftest import digits_recipe
+
+    host = f"127.0.0.1:{free_port()}"
+    recipe = digits_recipe(tmp_path)
+    res = runner.invoke(app, ["compile", str(recipe), "--store", str(digits_build["store"]), "--push",
+                              "--registry", f"{host}/mlopt/x", "--base-image", f"oci:{base}:base"])
+    assert res.exit_code == 5 and f"registry {host} is unreachable" in res.output
+    assert res.output.index("manifest: ") < res.output.index("error: registry")
+    entries = json.loads((tmp_path / "out" / "manifest.json").read_text())["entries"]
+    built = {i.sku: i.digest for i in read_record(tmp_path / "out" / "image")}
+    assert {e["sku"]: e["image"]["digest"] for e in entries} == built and set(built) == ALL_SKUS
+    assert all(e["image"]["pushed"] == [] for e in entries)
 
 
 def test_manifest_records_each_entrys_image(images: Path, manifest: Path, reg: str) -> None:

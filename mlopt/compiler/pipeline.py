@@ -22,9 +22,10 @@ from mlopt.compiler.data import concat_outputs, score
 from mlopt.compiler.measure import time_runner
 from mlopt.core.model import Model
 from mlopt.passes import PassContext, get_pass
+from mlopt.compiler.publish import publish
 from mlopt.core.util import Log
 from mlopt.compiler.run import Run, evaluate, geomean, toolchain
-from mlopt.core.errors import BackendUnavailable, BadInput, BudgetExceeded, GateFailed, severest
+from mlopt.core.errors import BackendUnavailable, BadInput, BudgetExceeded, GateFailed, MloptError, severest
 from mlopt.manifest import Manifest, write_manifest
 from mlopt.recipes.load import dump_recipe
 from mlopt.recipes.schema import Recipe
@@ -40,10 +41,18 @@ class BuildResult:
     manifest: Manifest
     manifest_path: Path
     exit_code: int
+    error: MloptError | None = None  # publishing failed after the build: the caller reports the build, then raises it
 
 
-def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResult:
-    """Run a recipe end to end; write the manifest; return it with the exit code."""
+def compile(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResult:  # noqa: A001
+    """What ``mlopt compile`` runs: build the recipe and, when ``image.push`` asks and the build passed,
+    build and push each SKU's image; the manifest is written once, at the end, with the images' digests."""
+    return build(recipe, store, log, push=recipe.image.push)
+
+
+def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = False) -> BuildResult:
+    """Run a recipe end to end (and publish its images when ``push``); write the manifest; return it with
+    the exit code."""
     run = Run(recipe, store, log)
     catalog = load_catalog(recipe.catalog)
     skus = detect.resolve_targets(catalog, recipe.targets)
@@ -95,12 +104,25 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildResul
     if baseline is not None:
         manifest = gates.attach(manifest, gates.compare(baseline, manifest, gates.limits_for(recipe),
                                                         recipe.gates.baseline))
-    path = out_dir / "manifest.json"
-    write_manifest(manifest, path)
-    log(f"[done] manifest written to {path}")
-    code = severest(codes)
-    gate_failed = manifest.gates is not None and manifest.gates.verdict == "fail"
-    return BuildResult(manifest, path, code or (GateFailed.exit_code if gate_failed else 0))
+    return _conclude(recipe, store, manifest, out_dir / "manifest.json", severest(codes), push, log)
+
+
+def _conclude(recipe: Recipe, store: Store, manifest: Manifest, path: Path, code: int, push: bool,
+              log: Log) -> BuildResult:
+    """The exit code (a broken gate is 6); the images, when asked and the build passed; then the
+    manifest, written once, with the images' digests in it."""
+    if manifest.gates is not None and manifest.gates.verdict == "fail":
+        code = code or GateFailed.exit_code
+    error = None
+    try:
+        if push and code == 0:
+            publish(manifest, recipe, path.parent / "image", store, log)
+    except MloptError as e:  # the build stands: its manifest is written, with the images built so far
+        error, code = e, e.exit_code
+    finally:
+        write_manifest(manifest, path)
+        log(f"[done] manifest written to {path}")
+    return BuildResult(manifest, path, code, error)
 
 
 def _log_host(skus: list[tuple[Any, str | None]], log: Log) -> None:

@@ -9,7 +9,7 @@
     triton    Triton model repositories (config.pbtxt checked with Triton's ModelConfig)
     kube      Kubernetes Deployment/Service and KServe InferenceService, validated offline
     image     building the images; context: the equivalent Dockerfile; builders: buildah/podman/docker
-    publish   pushing (HTTP API or skopeo) and ``publish`` for ``mlopt compile --push``
+    publish   pushing (HTTP API or skopeo); ``mlopt compile --push`` is ``mlopt.compiler.publish``
     export    ``mlopt export triton|k8s|kserve``
     entry     the in-image server (standard library + numpy + the build's runtime; no mlopt import)
 

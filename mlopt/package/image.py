@@ -23,7 +23,7 @@ from typing import Any
 
 from mlopt import __version__ as mlopt_version
 from mlopt.core.errors import BadInput
-from mlopt.manifest import read_manifest
+from mlopt.manifest import ImageRecord, Manifest, read_manifest, write_manifest
 from mlopt.package import triton
 from mlopt.package.base import BaseImage, load_base
 from mlopt.package.oci import (
@@ -96,8 +96,19 @@ class BuiltImage:
 
 def build_images(manifest_path: Path, store: Store | None, options: ImageOptions, log: Log = print,
                  catalog: str | None = None) -> list[BuiltImage]:
-    """Build an image for every deployable entry of a manifest (store: the manifest's by default)."""
+    """Build an image for every deployable entry of the manifest at ``manifest_path`` (``mlopt image
+    build``); record each image in its entry of that manifest."""
     manifest = read_manifest(manifest_path)
+    built = build_manifest_images(manifest, store, options, log, catalog)
+    record_images(manifest, built)
+    write_manifest(manifest, Path(manifest_path))
+    return built
+
+
+def build_manifest_images(manifest: Manifest, store: Store | None, options: ImageOptions, log: Log = print,
+                          catalog: str | None = None) -> list[BuiltImage]:
+    """Build an image for every deployable entry of ``manifest`` (store: the manifest's by default) and
+    record them in ``options.out``'s images.json; the manifest is the caller's to record them in."""
     store = store or Store(manifest.store)
     items, skipped = deployables(manifest, store, load_catalog(catalog), options.skus)
     for reason in skipped:
@@ -110,7 +121,6 @@ def build_images(manifest_path: Path, store: Store | None, options: ImageOptions
     bases = {d.slug: _base(d, layout, options, cache, log) for d in items}
     built = [_build_one(d, tags[d.slug], layout, bases[d.slug], options, log) for d in items]
     write_record(options.out, built)
-    record_in_manifest(manifest_path, built)
     return built
 
 
@@ -125,17 +135,20 @@ def _unique_tags(tags: dict[str, str], template: str) -> None:
 
 
 def record_in_manifest(manifest_path: Path, images: list[BuiltImage]) -> None:
-    """Write each image's digest (and where it was pushed) into its entry of the manifest, atomically."""
-    from mlopt.manifest import ImageRecord, write_manifest
-
+    """Write each image's digest (and where it was pushed) into its entry of the manifest file, atomically."""
     manifest = read_manifest(manifest_path)
+    record_images(manifest, images)
+    write_manifest(manifest, Path(manifest_path))
+
+
+def record_images(manifest: Manifest, images: list[BuiltImage]) -> None:
+    """Set each entry's image record (digest, base, where it was pushed) from the image built for it."""
     by_key = {(i.model, i.version, i.sku): i for i in images}
     for entry in manifest.entries:
         img = by_key.get((entry.model, entry.version, entry.sku))
         if img is not None:
             entry.image = ImageRecord(tag=img.tag, digest=img.digest, base=img.base, base_digest=img.base_digest,
-                                   pushed=list(img.pushed))
-    write_manifest(manifest, Path(manifest_path))
+                                      pushed=list(img.pushed))
 
 
 def _base(d: Deployable, layout: Layout, options: ImageOptions, cache: dict[tuple[str, str], BaseImage],

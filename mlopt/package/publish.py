@@ -1,6 +1,6 @@
 """Pushing built images to a registry (``HOST/REPO``, one tag per image), with the registry HTTP
-API (default) or ``skopeo``; and ``publish``, which builds and pushes every image of a manifest
-(what ``mlopt compile --push`` runs).
+API (default) or ``skopeo``; and the image and serving options a recipe's sections give (``mlopt
+compile --push`` is ``mlopt.compiler.publish``, which uses both).
 
 Blobs go first, the manifest last, so a failure leaves no tag pointing at a partial image.
 """
@@ -18,19 +18,11 @@ from typing import Any
 from mlopt.core.util import Log
 from mlopt.core.errors import BackendUnavailable, BadInput, RegistryError
 from mlopt.package.auth import docker_config_path
-from mlopt.package.image import (
-    BuiltImage,
-    ImageOptions,
-    build_images,
-    read_record,
-    record_in_manifest,
-    write_record,
-)
+from mlopt.package.image import BuiltImage, ImageOptions, read_record, record_in_manifest, write_record
 from mlopt.package.oci import OCI_MANIFEST, Descriptor, Layout
 from mlopt.core.refs import ImageRef, check_tag, parse_repository, plain_http
 from mlopt.package.registry import Registry
 from mlopt.package.serving import ServingOptions
-from mlopt.store import Store
 
 PUSHERS = ("http", "skopeo")
 
@@ -120,19 +112,6 @@ def _skopeo_error(dest: ImageRef, text: str) -> RegistryError:
                              f"(from {docker_config_path()}): {last}",
                              hint=f"check them with `docker login {dest.registry}`")
     return RegistryError(f"skopeo could not push to {dest}: {last}")
-
-
-def publish(manifest_path: Path, recipe: Any, store: Store | None = None, log: Log = print) -> list[BuiltImage]:
-    """Build every image of a compile's manifest and, when the recipe names a registry, push them
-    (what ``mlopt compile --push`` runs after a successful build)."""
-    if recipe.image.push and not recipe.image.registry:
-        raise BadInput("--push needs a registry: --registry HOST/REPO (or image.registry in the recipe)")
-    options = image_options(recipe.image, recipe.serving, Path(manifest_path).parent / "image")
-    images = build_images(manifest_path, store, options, log, recipe.catalog)
-    if not recipe.image.registry:
-        return images
-    return push_images(options.out, PushOptions(recipe.image.registry, recipe.image.push_with), log,
-                       manifest_path=Path(manifest_path))
 
 
 def serving_options(s: Any) -> ServingOptions:
