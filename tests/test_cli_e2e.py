@@ -177,3 +177,36 @@ def test_path_flags_are_relative_to_the_working_directory(tmp_path: Path, monkey
     printed = yaml.safe_load(res.stdout)
     assert printed["output"] == str(tmp_path / "rel" / "out") and printed["store"] == str(tmp_path / "rel" / "store")
     assert printed["data"]["evaluation"]["source"].startswith(str(recipe.parent))  # recipe paths stay the recipe's
+
+
+def test_every_compile_flag_names_a_recipe_field() -> None:
+    """The flag table's field paths exist in the recipe, so --dry-run shows every flag's effect."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    from mlopt.cli.options import COMPILE_FLAGS
+    from mlopt.recipes.schema import Recipe
+
+    for flag in COMPILE_FLAGS:
+        model: type[BaseModel] | None = Recipe
+        for part in flag.field.split("."):
+            assert model is not None and part in model.model_fields, f"{flag.decls[0]}: no recipe field {flag.field}"
+            ann = model.model_fields[part].annotation
+            model = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def test_dry_run_shows_each_flag_in_the_recipe(tmp_path: Path) -> None:
+    import yaml
+
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "digits" / "recipe.yaml"
+    res = runner.invoke(app, ["compile", str(recipe), "--dry-run", "-t", "host,cpu-aarch64-neoverse-v1", "--runs", "7",
+                              "--batch-sizes", "1,4", "--gate-latency", "0.2", "--lenient-gates", "--name", "dg",
+                              "--metric", "top1", "--registry", "localhost:5000/m", "--trials", "3", "-p", "quantize"])
+    assert res.exit_code == 0, res.output
+    r = yaml.safe_load(res.stdout)
+    assert r["targets"] == ["host", "cpu-aarch64-neoverse-v1"] and r["benchmark"]["runs"] == 7
+    assert r["benchmark"]["batch_sizes"] == [1, 4] and r["gates"]["latency_regression"] == 0.2
+    assert r["gates"]["strict"] is False and r["model"]["name"] == "dg" and r["tuning"]["trials"] == 3
+    assert r["image"]["registry"] == "localhost:5000/m" and [p["kind"] for p in r["passes"]] == ["quantize"]
+    assert r["data"]["evaluation"]["metric"] == "accuracy"  # --metric only goes with --eval-data (as before)

@@ -13,5 +13,5 @@
     export    ``mlopt export triton|k8s|kserve``
     entry     the in-image server (standard library + numpy + the build's runtime; no mlopt import)
 
-Nothing here is imported by ``mlopt --help``; the CLI commands live in ``mlopt.cli_image``.
+Nothing here is imported by ``mlopt --help``; the CLI commands live in ``mlopt.cli.image``.
 """

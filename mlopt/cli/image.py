@@ -1,6 +1,5 @@
 """``mlopt image build|push|verify`` and ``mlopt export triton|k8s|kserve``: thin typer commands over
-``mlopt.package``. Registered in ``mlopt.cli``; errors go through its ``guarded``.
-"""
+``mlopt.package``."""
 
 from __future__ import annotations
 
@@ -11,6 +10,10 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
+from mlopt.cli.guard import err, guard
+from mlopt.cli.guard import out as console  # commands here have an --out parameter
+from mlopt.cli.options import Catalog, Skus
+
 image_app = typer.Typer(help="Build OCI images of a manifest's builds (no Docker daemon) and push them.",
                         no_args_is_help=True)
 export_app = typer.Typer(help="Serving configs from a manifest's measurements: Triton, Kubernetes, KServe.",
@@ -18,22 +21,13 @@ export_app = typer.Typer(help="Serving configs from a manifest's measurements: T
 
 ManifestArg = typer.Argument(..., help="A manifest.json written by `mlopt compile`.")
 StoreOpt = typer.Option(None, "--store", help="Artifact store (default: the one the manifest names).")
-CatalogOpt = typer.Option(None, "--catalog", help="A SKU catalog file.")
-SkuOpt = typer.Option([], "--sku", help="Only these SKUs (repeat).")
 RecipeOpt = typer.Option(None, "--recipe", help="Take image: and serving: settings from this recipe (flags win).")
 ImageDirOpt = typer.Option(None, "--out", "-o", help="The image folder (default: image/ beside the manifest).")
 SlaOpt = typer.Option(None, "--sla-ms", help="Latency SLA (p99, ms) for the batching settings (serving.latency_sla_ms).")
 
 
-def _cli() -> Any:
-    """mlopt.cli, imported when a command runs (it imports this module to register the commands)."""
-    import mlopt.cli
-
-    return mlopt.cli
-
-
 def _log(message: str) -> None:
-    _cli().out.print(message, highlight=False, markup=False)
+    console.print(message, highlight=False, markup=False)
 
 
 def _image_dir(manifest: Path, out: Optional[Path]) -> Path:
@@ -62,6 +56,7 @@ def _settings(recipe: Optional[Path], image: dict[str, Any], serving: dict[str, 
 
 
 @image_app.command("build")
+@guard
 def image_build(
     manifest: Path = ManifestArg,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: image/ beside the manifest)."),
@@ -72,62 +67,58 @@ def image_build(
     builder: Optional[str] = typer.Option(None, "--builder", help="builtin (default), buildah, podman or docker."),
     no_compress: bool = typer.Option(False, "--no-compress", help="Uncompressed tar layers."),
     sla_ms: Optional[float] = SlaOpt,
-    skus: list[str] = SkuOpt,
+    skus: Skus = [],
     store: Optional[Path] = StoreOpt,
-    catalog: Optional[Path] = CatalogOpt,
+    catalog: Catalog = None,
     recipe: Optional[Path] = RecipeOpt,
 ) -> None:
     """Build one OCI image per SKU of a manifest into an OCI layout, plus Dockerfile contexts."""
-    def go() -> None:
-        from mlopt.package.image import build_images
-        from mlopt.package.publish import image_options
-        from mlopt.core.refs import absolute_oci
-        from mlopt.store import Store
+    from mlopt.package.image import build_images
+    from mlopt.package.publish import image_options
+    from mlopt.core.refs import absolute_oci
+    from mlopt.store import Store
 
-        img, srv, cat = _settings(recipe, {"base_image": absolute_oci(base_image), "tag": tag, "builder": builder,
-                                           "runtime_dir": str(runtime_dir.absolute()) if runtime_dir else None,
-                                           "compress": False if no_compress else None}, {"latency_sla_ms": sla_ms})
-        options = replace(image_options(img, srv, _image_dir(manifest, out)), skus=tuple(skus))
-        images = build_images(manifest, Store(store) if store else None, options, _log, str(catalog) if catalog else cat)
-        _table(images, options.out)
-    _cli().guarded(go)
+    img, srv, cat = _settings(recipe, {"base_image": absolute_oci(base_image), "tag": tag, "builder": builder,
+                                       "runtime_dir": str(runtime_dir.absolute()) if runtime_dir else None,
+                                       "compress": False if no_compress else None}, {"latency_sla_ms": sla_ms})
+    options = replace(image_options(img, srv, _image_dir(manifest, out)), skus=tuple(skus))
+    images = build_images(manifest, Store(store) if store else None, options, _log, str(catalog) if catalog else cat)
+    _table(images, options.out)
 
 
 @image_app.command("push")
+@guard
 def image_push(
     manifest: Path = ManifestArg,
     registry: str = typer.Option(..., "--registry", help="HOST[:PORT]/REPO; tags are the built ones (v{version}-{sku})."),
     out: Optional[Path] = ImageDirOpt,
     via: str = typer.Option("http", "--via", help="http (the registry API) or skopeo."),
     chunk_mb: int = typer.Option(0, "--chunk-mb", min=0, help="Upload in PATCH chunks of this size (0: one stream)."),
-    skus: list[str] = SkuOpt,
+    skus: Skus = [],
 ) -> None:
     """Push built images; credentials come from the Docker config file (docker login), never flags."""
-    def go() -> None:
-        from mlopt.package.publish import PushOptions, push_images
+    from mlopt.package.publish import PushOptions, push_images
 
-        images = push_images(_image_dir(manifest, out), PushOptions(registry, via, chunk_mb << 20), _log, tuple(skus),
-                             manifest_path=manifest)
-        _table(images, _image_dir(manifest, out))
-    _cli().guarded(go)
+    images = push_images(_image_dir(manifest, out), PushOptions(registry, via, chunk_mb << 20), _log, tuple(skus),
+                         manifest_path=manifest)
+    _table(images, _image_dir(manifest, out))
 
 
 @image_app.command("verify")
+@guard
 def image_verify(
     manifest: Path = ManifestArg,
     out: Optional[Path] = ImageDirOpt,
-) -> None:
+) -> int:
     """Re-hash every blob of the built images (exit 2 when any is missing or damaged)."""
-    def go() -> int:
-        from mlopt.package.oci import Layout
+    from mlopt.package.oci import Layout
 
-        layout = Layout(_image_dir(manifest, out) / "oci")
-        problems = layout.verify()
-        for p in problems:
-            _cli().err.print(f"[red]damaged:[/] {p}", highlight=False)
-        _cli().out.print(f"{len(layout.tags())} images, {len(problems)} problems", highlight=False)
-        return 2 if problems else 0
-    raise typer.Exit(_cli().guarded(go))
+    layout = Layout(_image_dir(manifest, out) / "oci")
+    problems = layout.verify()
+    for p in problems:
+        err.print(f"[red]damaged:[/] {p}", highlight=False)
+    console.print(f"{len(layout.tags())} images, {len(problems)} problems", highlight=False)
+    return 2 if problems else 0
 
 
 def _table(images: list[Any], folder: Path) -> None:
@@ -136,29 +127,28 @@ def _table(images: list[Any], folder: Path) -> None:
         t.add_column(col)
     for i in images:
         t.add_row(i.sku, i.backend, i.tag, i.digest[:19], i.base, "\n".join(i.pushed) or "-")
-    _cli().out.print(t)
+    console.print(t)
 
 
+@guard
 def _export(kind: str, manifest: Path, out: Path, sla_ms: Optional[float], skus: list[str], store: Optional[Path],
             catalog: Optional[Path], recipe: Optional[Path], **extra: Any) -> None:
-    def go() -> None:
-        from mlopt.package.export import ExportOptions, export_kubernetes, export_triton
-        from mlopt.package.publish import serving_options
+    from mlopt.package.export import ExportOptions, export_kubernetes, export_triton
+    from mlopt.package.publish import serving_options
 
-        _, srv, cat = _settings(recipe, {}, {"latency_sla_ms": sla_ms, "replicas": extra.pop("replicas", None)})
-        options = ExportOptions(out, serving_options(srv), str(store) if store else None,
-                                str(catalog) if catalog else cat, tuple(skus), **extra)
-        if kind == "triton":
-            export_triton(manifest, options, _log)
-        else:
-            export_kubernetes(manifest, options, kind, _log)
-    _cli().guarded(go)
+    _, srv, cat = _settings(recipe, {}, {"latency_sla_ms": sla_ms, "replicas": extra.pop("replicas", None)})
+    options = ExportOptions(out, serving_options(srv), str(store) if store else None,
+                            str(catalog) if catalog else cat, tuple(skus), **extra)
+    if kind == "triton":
+        export_triton(manifest, options, _log)
+    else:
+        export_kubernetes(manifest, options, kind, _log)
 
 
 @export_app.command("triton")
 def export_triton_cmd(manifest: Path = ManifestArg, out: Path = typer.Option(..., "--out", "-o"),
-                      sla_ms: Optional[float] = SlaOpt, skus: list[str] = SkuOpt, store: Optional[Path] = StoreOpt,
-                      catalog: Optional[Path] = CatalogOpt, recipe: Optional[Path] = RecipeOpt) -> None:
+                      sla_ms: Optional[float] = SlaOpt, skus: Skus = [], store: Optional[Path] = StoreOpt,
+                      catalog: Catalog = None, recipe: Optional[Path] = RecipeOpt) -> None:
     """A Triton model repository per SKU (config.pbtxt from the measured figures, model files)."""
     _export("triton", manifest, out, sla_ms, skus, store, catalog, recipe)
 
@@ -169,7 +159,7 @@ def _kube_command(kind: str, doc: str) -> Any:
                 registry: Optional[str] = typer.Option(None, "--registry", help="HOST/REPO of built, unpushed images."),
                 replicas: Optional[int] = typer.Option(None, "--replicas", min=0),
                 k8s_version: Optional[str] = typer.Option(None, "--k8s-version", help="Validate for this Kubernetes."),
-                skus: list[str] = SkuOpt, store: Optional[Path] = StoreOpt, catalog: Optional[Path] = CatalogOpt,
+                skus: Skus = [], store: Optional[Path] = StoreOpt, catalog: Catalog = None,
                 recipe: Optional[Path] = RecipeOpt) -> None:
         _export(kind, manifest, out, None, skus, store, catalog, recipe, images=images, registry=registry,
                 k8s_version=k8s_version, replicas=replicas)
