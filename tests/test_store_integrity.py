@@ -222,3 +222,35 @@ def test_corrupted_cache_and_artifact_are_rebuilt_by_the_next_compile(tmp_path: 
     assert again["artifact"]["content_digest"] == entry["artifact"]["content_digest"]
     st = Store(store)
     assert all(st.verify(a) == [] for a in st.artifacts()) and all(st.verify_step(s) == [] for s in st.steps())
+
+
+def test_store_commands_refuse_a_store_that_does_not_exist(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mlopt.cli import app
+
+    missing = tmp_path / "no" / "such" / "dir"
+    for argv in (["artifacts", "verify"], ["artifacts", "list"], ["artifacts", "gc"]):
+        res = CliRunner().invoke(app, [*argv, "--store", str(missing)])
+        assert res.exit_code == 2 and "does not exist" in res.output, res.output
+    assert not missing.exists() and not (tmp_path / "no").exists()
+
+
+def test_verify_reports_damaged_cached_steps_and_gc_repairs_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mlopt.cli import app
+
+    store = tmp_path / "store"
+    code, out, _ = _compile(tmp_path, store)
+    assert code == 0, out
+    args = ["--store", str(store)]
+    res = CliRunner().invoke(app, ["artifacts", "verify", *args])
+    assert res.exit_code == 0 and "cached steps:" in res.output and ", 0 damaged" in res.output, res.output
+    step = Store(store).steps()[0]
+    (step / STEP_META).write_text("{")
+    res = CliRunner().invoke(app, ["artifacts", "verify", *args])
+    assert res.exit_code == 2 and "DAMAGED" in res.output and "cached steps:" in res.output and "1 damaged" in res.output
+    res = CliRunner().invoke(app, ["artifacts", "gc", "--damaged", *args])
+    assert res.exit_code == 0 and "1 steps" in res.output, res.output
+    assert CliRunner().invoke(app, ["artifacts", "verify", *args]).exit_code == 0

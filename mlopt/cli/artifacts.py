@@ -16,9 +16,10 @@ artifacts_app = typer.Typer(help="Inspect and maintain the artifact store.", no_
 
 
 def _store(path: Optional[Path]) -> Any:
+    """The store these commands inspect: it must exist (a mistyped --store is exit 2, not a new empty store)."""
     from mlopt.store import Store
 
-    return Store(path)
+    return Store.existing(path)
 
 
 @artifacts_app.command("list")
@@ -31,11 +32,12 @@ def artifacts_list(store: StoreFolder = None, as_json: AsJson = False) -> None:
         typer.echo(json.dumps(rows, indent=2))
         return
     t = Table(title=f"artifacts in {st.root}")
-    for col in ("id", "model", "version", "SKU", "backend", "precision", "size", "created"):
+    for col in ("id", "model", "version", "SKU", "backend", "precision", "size", "created", "complete"):
         t.add_column(col)
-    for r in rows:
+    for r in rows:  # complete: whether the compile that made the version finished (a killed one did not)
+        done = {True: "yes", False: "no"}.get(r["complete"], "-")
         t.add_row(r["id"][:12], r["model"], f"v{r['version']}", r["sku"], r["backend"], r["precision"],
-                  _size(r["bytes"]), r["created"])
+                  _size(r["bytes"]), r["created"], done)
     out.print(t)
 
 
@@ -45,11 +47,11 @@ def _rows(st: Any) -> list[dict[str, Any]]:
         for v in entry["versions"]:
             for key in v["artifacts"]:
                 art = st.get(key)
-                if art:
-                    rows.append({"model": name, "version": v["version"], "id": key, "sku": art.meta["sku"],
-                                 "backend": art.meta["backend"], "precision": art.meta["precision"],
-                                 "bytes": sum(f["bytes"] for f in art.meta["files"].values()),
-                                 "created": art.meta["created"]})
+                if art and not art.damaged:
+                    rows.append({"model": name, "version": v["version"], "id": key, "sku": art.meta.get("sku"),
+                                 "backend": art.meta.get("backend"), "precision": art.meta.get("precision"),
+                                 "bytes": sum(f.get("bytes", 0) for f in art.meta.get("files", {}).values()),
+                                 "created": art.meta.get("created"), "complete": v.get("complete")})
     return rows
 
 
@@ -64,26 +66,39 @@ def artifacts_show(artifact_id: str, store: StoreFolder = None) -> None:
 @guard
 def artifacts_verify(artifact_id: Optional[str] = typer.Argument(None, help="An id; all artifacts when omitted."),
                      store: StoreFolder = None) -> int:
-    """Re-hash artifacts' files against their recorded digests (exit 2 when any is damaged)."""
+    """Re-hash artifacts' files, and every cached step's, against their recorded digests (exit 2 when any
+    is damaged; the next compile rebuilds damaged entries, `gc --damaged` removes them)."""
     st = _store(store)
     arts = [st.resolve(artifact_id)] if artifact_id else st.artifacts()
-    bad = 0
-    for art in arts:
-        problems = st.verify(art)
-        bad += bool(problems)
-        out.print(f"{art.short} {'ok' if not problems else 'DAMAGED: ' + '; '.join(problems)}", highlight=False)
+    bad = _report([(a.short, st.verify(a)) for a in arts])
     out.print(f"{len(arts) - bad} ok, {bad} damaged")
-    return 2 if bad else 0
+    if artifact_id:
+        return 2 if bad else 0
+    steps = st.steps()
+    bad_steps = _report([(f"cache/{s.parent.name}/{s.name[:12]}", st.verify_step(s)) for s in steps])
+    out.print(f"cached steps: {len(steps) - bad_steps} ok, {bad_steps} damaged")
+    return 2 if bad or bad_steps else 0
+
+
+def _report(checked: list[tuple[str, list[str]]]) -> int:
+    """Print one line per checked entry; the number of damaged ones."""
+    for name, problems in checked:
+        out.print(f"{name} {'ok' if not problems else 'DAMAGED: ' + '; '.join(problems)}", highlight=False)
+    return sum(bool(p) for _, p in checked)
 
 
 @artifacts_app.command("gc")
 @guard
 def artifacts_gc(store: StoreFolder = None,
                  keep_last: Optional[int] = typer.Option(None, "--keep-last", min=0, help="Versions to keep per model."),
-                 damaged: bool = typer.Option(False, "--damaged", help="Also remove artifacts that fail verification.")) -> None:
-    """Remove unreferenced objects, stale temp folders, and old versions beyond --keep-last."""
+                 damaged: bool = typer.Option(False, "--damaged", help="Also remove artifacts and cached steps that "
+                                                                         "fail verification.")) -> None:
+    """Remove unreferenced objects, stale temp folders, and old versions beyond --keep-last (never a version
+    a running compile holds)."""
     removed = _store(store).gc(keep_last=keep_last, damaged=damaged)
-    out.print(", ".join(f"{v} {k}" for k, v in removed.items()) + " removed")
+    held = removed.pop("held")
+    out.print(", ".join(f"{v} {k}" for k, v in removed.items()) + " removed"
+              + (f"; kept {held} old version(s) a running compile holds" if held else ""))
 
 
 def _size(n: float) -> str:
