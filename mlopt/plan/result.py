@@ -1,0 +1,98 @@
+"""The plan ``mlopt plan`` prints (``--json``) and writes Kubernetes files from: strict, versioned,
+published as ``mlopt/plan/schemas/plan.schema.json`` (a test keeps the file equal to the models)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mlopt.core.spec import Strict
+
+PLAN_SCHEMA_VERSION = "1.0"
+
+
+class PoolPlan(Strict):
+    """One pool: replicas of one build of one model on one SKU and market."""
+
+    name: str = Field(description="model/backend-precision/sku/market.")
+    model: str
+    sku: str
+    market: Literal["on-demand", "spot"]
+    backend: str
+    precision: str | None
+    manifest: str = Field(description="Path of the manifest the build comes from.")
+    entry: int = Field(description="Index of the (model, SKU) entry in that manifest.")
+    artifact_key: str
+    image: str | None = Field(description="The image by digest; null when the build has no pushed image.")
+    replicas: int = Field(ge=1)
+    max_batch: int = Field(ge=1, description="The batcher's largest batch (at most the largest measured).")
+    queue_delay_us: int = Field(ge=0, description="The batcher's queue delay.")
+    replica_capacity_rps: float = Field(description="Requests/s one replica serves within the SLA (after any "
+                                                    "derating by the simulation).")
+    derate: float = Field(description="Factor the simulation applied to the queueing model's capacity (1: none).")
+    blind_capacity_rps: float | None = Field(description="Mélange's queueing-blind capacity of one replica.")
+    weight: float = Field(description="Share of the model's traffic routed to this pool.")
+    peak_rps: float = Field(description="The pool's rate at the model's peak.")
+    usd_per_hour: float
+    predicted_p99_ms: float = Field(description="Queueing model's p99 at the pool's peak rate.")
+    simulated_p50_ms: float
+    simulated_p99_ms: float
+
+
+class ModelPlan(Strict):
+    """One model's pools and what the simulation measured."""
+
+    model: str
+    priority: Literal["critical", "high", "normal", "low"]
+    n_plus_one: bool
+    mean_rps: float
+    peak_rps: float
+    p99_sla_ms: float
+    arrival_cv: float = Field(description="Coefficient of variation of the arrivals the plan assumed.")
+    weights: dict[str, float] = Field(description="Pool name -> share of the model's traffic.")
+    predicted_p99_ms: float = Field(description="Largest predicted p99 over the model's pools.")
+    simulated_p50_ms: float
+    simulated_p99_ms: float
+    meets_sla: bool
+
+
+class Binding(Strict):
+    """A constraint the plan is held by, and what relaxing it by one unit would do."""
+
+    constraint: Literal["inventory", "spot-share", "n-plus-one"]
+    subject: str = Field(description="The SKU (inventory), the fleet (spot share) or the model (N+1).")
+    detail: str
+    usd_per_hour_saved_by_one_more: float | None = Field(description="$/h saved with one more unit (re-solved); "
+                                                                     "null where not computed.")
+
+
+class Plan(Strict):
+    """The cheapest mix of pools that meets every model's p99 SLA, checked by simulation."""
+
+    schema_version: Literal["1.0"] = PLAN_SCHEMA_VERSION
+    objective: str = Field(description="What was minimised, in order.")
+    capacity_model: Literal["queueing", "blind"] = Field(description="queueing: Allen-Cunneen with the arrival "
+                                                                     "variability; blind: Mélange's (no queueing).")
+    usd_per_hour: float
+    usd_per_million: float = Field(description="$/h divided by the inferences an hour at the mean rates, x 1e6.")
+    skus: list[str] = Field(description="The distinct SKUs the plan uses.")
+    pools: list[PoolPlan]
+    models: list[ModelPlan]
+    binding: list[Binding]
+    excluded: list[str] = Field(description="Builds no pool was made of, and why.")
+    derate_rounds: int = Field(description="Times the simulation derated a pool and the plan was re-solved.")
+    solve_seconds: float = Field(description="Time spent in the solver (every re-solve included).")
+    what_if: str | None = Field(None, description="The --what-if applied to the inputs.")
+    baseline_usd_per_hour: float | None = Field(None, description="With --what-if: the plan's $/h without it.")
+    meets_sla: bool = Field(description="Every model's simulated p99 is within its SLA.")
+    catalog: str | None = Field(None, description="The catalog file the fleet named (null: the bundled one).")
+    gateway: str = Field(description="The Gateway the HTTPRoutes attach to.")
+    capacity_type_label: str = Field(description="Node label selecting on-demand or spot nodes.")
+
+
+def plan_schema() -> dict:
+    schema = Plan.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://mlopt.dev/schemas/plan-{PLAN_SCHEMA_VERSION}.json"
+    return schema
