@@ -18,9 +18,11 @@ modelled as a queue whose customers are batches:
 
   with ``C(c, a)`` Erlang's C (for c = 1, C = rho), and the usual exponential tail
   ``P(Wq > t) = C exp(-t C / E[Wq])``, so ``Wq_99 = E[Wq] / C * ln(C / 0.01)``;
-* a request's p99 is bounded by ``queue_delay + Wq_99 + S_99(b)`` (the batch fires at most
-  ``queue_delay`` after its oldest request), with ``queue_delay = p50(b) * (b - 1) / b``, the time
-  a full-rate stream takes to fill the batch (waiting longer than one batch takes gains nothing).
+* a request's p99 is taken as ``max(queue_delay, Wq_99) + S_99(b)``: a request that finds the
+  server idle waits at most ``queue_delay`` for its batch to fill, one that finds it busy waits in
+  queue and leaves in the next (full) batch, so the two waits do not add up; ``queue_delay =
+  p50(b) * (b - 1) / b``, about the time a full-rate stream takes to fill the batch (waiting longer
+  than one batch takes gains nothing).
 
 Random splitting of a renewal stream with squared CV ``ca2`` over replicas gives each a squared CV
 ``p * ca2 + 1 - p`` (p: its share), which never exceeds ``max(ca2, 1)``: the capacity is computed
@@ -80,8 +82,8 @@ def _p99(curve: Curve, b: np.ndarray, lam: np.ndarray, ca2: float) -> np.ndarray
     with np.errstate(divide="ignore", invalid="ignore"):
         cond_mean = mean * (ca2 / b + cs2) / 2 / (1 - rho)  # E[Wq] / C for c = 1
         wq99 = np.where(rho > TAIL, cond_mean * np.log(np.maximum(rho / TAIL, 1.0)), 0.0)
-    s99 = p50 * np.exp(sigma * Z99)
-    out = queue_delay(p50, b) + wq99 + s99
+    s99 = p50 * np.exp(sigma * Z99)  # the measured p99 at b
+    out = np.maximum(queue_delay(p50, b), wq99) + s99
     return np.where(rho < 1, out, np.inf)
 
 
