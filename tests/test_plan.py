@@ -266,3 +266,23 @@ def test_plan_command_prints_a_table_and_json(two_models: Path, tmp_path: Path) 
     import jsonschema
 
     jsonschema.validate(json.loads(buf.getvalue()), json.loads((SCHEMA_DIR / "plan.schema.json").read_text()))
+
+
+def test_the_cli_plans_writes_files_and_exits_2_when_infeasible(two_models: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mlopt.cli import app
+
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump({"skus": {"t4": {"zones": {"a": 20}},
+                                                                  "l4": {"zones": {"a": 20}}}}))
+    (tmp_path / "traffic.yaml").write_text(yaml.safe_dump({"models": TWO}))
+    args = ["plan", "--manifest", str(two_models), "--fleet", str(tmp_path / "fleet.yaml"),
+            "--traffic", str(tmp_path / "traffic.yaml")]
+    ok = CliRunner().invoke(app, args + ["--out", str(tmp_path / "k8s"), "--what-if", "rate=1.5"])
+    assert ok.exit_code == 0, ok.output
+    assert "what-if rate=1.5" in ok.output and (tmp_path / "k8s" / "priorityclasses.yaml").is_file()
+    as_json = CliRunner().invoke(app, args + ["--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout)["meets_sla"] is True
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump({"skus": {"l4": {"zones": {"a": 1}}}}))
+    bad = CliRunner().invoke(app, args)
+    assert bad.exit_code == 2 and "inventory is binding: SKU l4" in bad.output

@@ -5,7 +5,7 @@
     compile    ``mlopt compile``: the flags made into a recipe, one call of ``pipeline.compile``
     diff       ``mlopt diff``;  matrix: ``mlopt build-matrix``;  targets: ``mlopt targets``, ``doctor``
     artifacts  ``mlopt artifacts``;  manifest: ``mlopt manifest``, ``recipe``;  summary: their tables
-    image      ``mlopt image`` and ``mlopt export``
+    image      ``mlopt image`` and ``mlopt export``;  plan: ``mlopt plan`` (``mlopt.plan.command``)
 
 Heavy libraries (torch, TVM, ONNX Runtime) are imported inside commands, so ``mlopt --help`` stays fast.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import typer
 
-from mlopt.cli import artifacts, diff, image, manifest, matrix, targets
+from mlopt.cli import artifacts, diff, image, manifest, matrix, plan, targets
 from mlopt.cli import compile as compile_
 from mlopt.cli.guard import STATE
 from mlopt.core.errors import EXIT_CODES
@@ -32,6 +32,7 @@ app.command("diff")(diff.diff_cmd)
 app.command("build-matrix")(matrix.build_matrix_cmd)
 app.add_typer(targets.targets_app, name="targets")
 app.command("doctor")(targets.doctor_cmd)
+app.command("plan")(plan.plan_cmd)
 
 
 @app.callback()

@@ -21,8 +21,8 @@ def plan_command(manifests: list[Path], fleet: Path, traffic: Path, out: Path | 
     console = console or Console()
     plan = make_plan([Path(m) for m in manifests], load_fleet(fleet), load_traffic(traffic), what_if=what_if)
     written = write_k8s(plan, Path(out), placeholder=placeholder) if out else []
-    if as_json:
-        console.print_json(plan.model_dump_json())
+    if as_json:  # plain JSON, no colours or wrapping, so it pipes into jq
+        console.file.write(plan.model_dump_json(indent=2) + "\n")
         return plan
     console.print(table(plan))
     for line in summary(plan, written, out):
