@@ -286,3 +286,9 @@ def test_the_cli_plans_writes_files_and_exits_2_when_infeasible(two_models: Path
     (tmp_path / "fleet.yaml").write_text(yaml.safe_dump({"skus": {"l4": {"zones": {"a": 1}}}}))
     bad = CliRunner().invoke(app, args)
     assert bad.exit_code == 2 and "inventory is binding: SKU l4" in bad.output
+
+
+def test_every_plan_field_is_described() -> None:
+    schema = schemas()["plan.schema.json"]
+    for name, d in [("Plan", schema), *schema["$defs"].items()]:
+        assert all("description" in v for v in d["properties"].values()), name
