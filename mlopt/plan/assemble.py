@@ -94,7 +94,7 @@ def binding(state: State, fleet: Fleet) -> list[Binding]:
     for m in sorted(pb.redundant):
         loose = solve(replace(pb, redundant=pb.redundant - {m}))
         out.append(Binding(constraint="n-plus-one", subject=m, usd_per_hour_saved_by_one_more=_saved(sol, loose),
-                           detail="the peak is served with any one replica lost (saving: without this rule)"))
+                           detail="the peak is served with any one replica lost"))
     return out
 
 

@@ -50,8 +50,9 @@ def summary(plan: Plan, written: list[Path], out: Path | None = None) -> list[st
     if plan.what_if and plan.baseline_usd_per_hour is not None:
         lines.append(f"what-if {plan.what_if}: ${plan.usd_per_hour:.2f}/h against ${plan.baseline_usd_per_hour:.2f}/h")
     for b in plan.binding:
+        what = "without it the plan saves" if b.constraint == "n-plus-one" else "one more unit saves"
         saved = "" if b.usd_per_hour_saved_by_one_more is None else \
-            f" (one more saves ${b.usd_per_hour_saved_by_one_more:.2f}/h)"
+            f" ({what} ${b.usd_per_hour_saved_by_one_more:.2f}/h)"
         lines.append(f"binding {b.constraint} {b.subject}: {b.detail}{saved}")
     lines += [f"excluded: {e}" for e in plan.excluded]
     if written:

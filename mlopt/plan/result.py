@@ -63,8 +63,9 @@ class Binding(Strict):
     constraint: Literal["inventory", "spot-share", "n-plus-one"] = Field(description="Which kind of constraint.")
     subject: str = Field(description="The SKU (inventory), the fleet (spot share) or the model (N+1).")
     detail: str = Field(description="What binds, in words.")
-    usd_per_hour_saved_by_one_more: float | None = Field(description="$/h saved with one more unit (re-solved); "
-                                                                     "null where not computed.")
+    usd_per_hour_saved_by_one_more: float | None = Field(description="$/h saved with one more unit of it "
+                                                                     "(inventory), or without it (n-plus-one), "
+                                                                     "re-solved; null where not computed.")
 
 
 class Plan(Strict):
