@@ -72,6 +72,9 @@ def test_inputs_are_strict(tmp_path: Path) -> None:
                                                                              "p99_sla_ms": 10}}}))
     with pytest.raises(BadInput, match="peak_rps 1 is below mean_rps 5"):
         load_traffic(tmp_path / "traffic.yaml")
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump({"skus": {"mi210": {"zones": {"a": 1}}}}))
+    with pytest.raises(BadInput, match="SKU 'mi210' has no price in the catalog"):
+        load_fleet(tmp_path / "fleet.yaml")
 
 
 def test_a_mix_of_two_skus_is_cheaper_than_any_single_sku(two_models: Path) -> None:
@@ -225,6 +228,8 @@ def test_kubernetes_files_validate(two_models: Path, tmp_path: Path) -> None:
         assert pod["containers"][0]["image"] == pool.image and "@sha256:" in pool.image
         assert pod["nodeSelector"]["karpenter.sh/capacity-type"] == pool.market
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert pod["priorityClassName"] == f"mlopt-{next(m.priority for m in plan.models if m.model == pool.model)}"
+        assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
     for route in (d for d in docs if d["kind"] == "HTTPRoute"):
         refs = route["spec"]["rules"][0]["backendRefs"]
         assert {r["name"] for r in refs} <= services and sum(r["weight"] for r in refs) == pytest.approx(1000, abs=2)

@@ -7,7 +7,7 @@ PriorityClass per priority class; per model a Gateway API ``HTTPRoute`` with wei
 
 The pod of a pool is made by ``mlopt.package.kube.workload`` from the manifest entry (image by
 digest, the SKU's resources, node selector and tolerations from the catalog), with the market's
-node label (on-demand or spot) and the model's PriorityClass added. Built-in kinds are validated
+node label (on-demand or spot), the model's PriorityClass and a spread over zones added. Built-in kinds are validated
 offline, strictly, with kubernetes-validate (``kube.validate_k8s``). HTTPRoute is a custom resource
 whose CRD schema is not available offline here: it is checked against ``HTTPROUTE_SCHEMA``, the
 Gateway API v1 fields written here with the CRD's limits (16 backendRefs a rule, weights 0..1e6).
@@ -105,7 +105,11 @@ def pool_workload(plan: Plan, pool: PoolPlan, model: ModelPlan, image: str) -> t
     notes = {**w.annotations, "mlopt.dev/max-batch": str(pool.max_batch),
              "mlopt.dev/queue-delay-us": str(pool.queue_delay_us)}
     pod = {**w.pod, "nodeSelector": {**w.pod.get("nodeSelector", {}), plan.capacity_type_label: pool.market},
-           "priorityClassName": priority_class_name(model.priority)}
+           "priorityClassName": priority_class_name(model.priority),
+           # replicas spread over the fleet's zones, so a zone outage takes as few as it can
+           "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                          "whenUnsatisfiable": "ScheduleAnyway",
+                                          "labelSelector": {"matchLabels": {"app.kubernetes.io/name": name}}}]}
     return replace(w, name=name, labels=labels, annotations=notes, pod=pod), options
 
 
