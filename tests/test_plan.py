@@ -161,6 +161,9 @@ def test_planned_pool_meets_the_sla_in_simulation_and_the_queueing_blind_one_mis
     blind = make_plan([m], _fleet(t4=40), _traffic(vision=bursty),
                       Options(capacity_model="blind", derate=False, bindings=False))
     assert blind.pools[0].replicas < pool.replicas and not blind.meets_sla  # Mélange's plan is cheaper and late
+    import jsonschema
+
+    jsonschema.validate(json.loads(blind.model_dump_json()), json.loads((SCHEMA_DIR / "plan.schema.json").read_text()))
     curve = Curve.from_measurement(fx.measurement(fx.curve(2.0, 0.3)))
     at_blind = Served(pool.replicas, 1.0, blind.pools[0].max_batch, blind.pools[0].queue_delay_us / 1e6, curve)
     _, whole = simulate_model("vision", ModelTraffic(**bursty),

@@ -40,7 +40,7 @@ def _pools(state: State, traffic: Traffic) -> list[PoolPlan]:
                 replica_capacity_rps=p.capacity.rate, derate=p.derate,
                 blind_capacity_rps=p.blind.rate if p.blind else None, weight=s.weight, peak_rps=peak,
                 usd_per_hour=p.usd_per_hour * s.replicas,
-                predicted_p99_ms=predicted_p99(v.curve, s.batch, peak / s.replicas, p.ca2) * 1e3,
+                predicted_p99_ms=_finite(predicted_p99(v.curve, s.batch, peak / s.replicas, p.ca2) * 1e3),
                 simulated_p50_ms=fig.p50_s * 1e3, simulated_p99_ms=fig.p99_s * 1e3))
     return out
 
@@ -53,10 +53,18 @@ def _models(state: State, traffic: Traffic, pools: list[PoolPlan]) -> list[Model
         out.append(ModelPlan(
             model=m, priority=t.priority, n_plus_one=t.redundant, mean_rps=t.mean_rps, peak_rps=t.peak_rps,
             p99_sla_ms=t.p99_sla_ms, arrival_cv=math.sqrt(_ca2(state, m)),
-            weights={p.name: p.weight for p in mine}, predicted_p99_ms=max(p.predicted_p99_ms for p in mine),
+            weights={p.name: p.weight for p in mine}, predicted_p99_ms=_worst([p.predicted_p99_ms for p in mine]),
             simulated_p50_ms=whole.p50_s * 1e3, simulated_p99_ms=whole.p99_s * 1e3,
             meets_sla=whole.p99_s * 1e3 <= t.p99_sla_ms))
     return out
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _worst(values: list[float | None]) -> float | None:
+    return None if None in values else max(values)  # type: ignore[type-var]
 
 
 def _ca2(state: State, model: str) -> float:

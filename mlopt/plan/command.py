@@ -40,7 +40,8 @@ def table(plan: Plan) -> Table:
     for p in plan.pools:
         t.add_row(p.model, f"{p.backend} {p.precision or ''}".strip(), p.sku, p.market, str(p.replicas),
                   str(p.max_batch), str(p.queue_delay_us), f"{p.weight:.2f}", f"{p.usd_per_hour:.2f}",
-                  f"{p.predicted_p99_ms:.1f}", f"{p.simulated_p99_ms:.1f}", f"{sla[p.model]:g}")
+                  "overloaded" if p.predicted_p99_ms is None else f"{p.predicted_p99_ms:.1f}",
+                  f"{p.simulated_p99_ms:.1f}", f"{sla[p.model]:g}")
     return t
 
 

@@ -11,7 +11,6 @@ Service times are modelled as log-normal with the measured median and p99:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,12 +66,3 @@ class Curve:
         i = int(np.argmax(tput))
         return float(tput[i]), int(sizes[i])
 
-
-def lognormal(rng: np.random.Generator, median: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """Log-normal draws with the given medians and sigmas."""
-    return median * np.exp(sigma * rng.standard_normal(np.shape(median)))
-
-
-def finite(x: float) -> float:
-    """x, or 0.0 when it is not finite (JSON has no infinity)."""
-    return x if math.isfinite(x) else 0.0

@@ -35,7 +35,8 @@ class PoolPlan(Strict):
     weight: float = Field(description="Share of the model's traffic routed to this pool.")
     peak_rps: float = Field(description="The pool's rate at the model's peak.")
     usd_per_hour: float = Field(description="The pool's price: replicas x the unit price of its market.")
-    predicted_p99_ms: float = Field(description="Queueing model's p99 at the pool's peak rate.")
+    predicted_p99_ms: float | None = Field(description="Queueing model's p99 at the pool's peak rate; null when "
+                                                       "that rate overloads a replica (a queueing-blind plan).")
     simulated_p50_ms: float = Field(description="Simulated p50 of the pool's requests at the model's peak.")
     simulated_p99_ms: float = Field(description="Simulated p99 of the pool's requests at the model's peak.")
 
@@ -51,7 +52,8 @@ class ModelPlan(Strict):
     p99_sla_ms: float = Field(description="The p99 SLA (traffic.yaml).")
     arrival_cv: float = Field(description="Coefficient of variation of the arrivals the plan assumed.")
     weights: dict[str, float] = Field(description="Pool name -> share of the model's traffic.")
-    predicted_p99_ms: float = Field(description="Largest predicted p99 over the model's pools.")
+    predicted_p99_ms: float | None = Field(description="Largest predicted p99 over the model's pools (null: a "
+                                                       "pool is overloaded).")
     simulated_p50_ms: float = Field(description="Simulated p50 over all its requests at the peak rate.")
     simulated_p99_ms: float = Field(description="Simulated p99 over all its requests at the peak rate.")
     meets_sla: bool = Field(description="simulated_p99_ms <= p99_sla_ms.")
