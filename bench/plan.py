@@ -132,7 +132,10 @@ def report(ours, ours_free, blind, single, wall: float) -> dict:  # noqa: ANN001
         "solve_seconds": round(ours.solve_seconds, 3), "plan_wall_seconds": round(wall, 2),
         "derate_rounds": ours.derate_rounds,
         "ours": row(ours), "ours_unlimited_units": row(ours_free), "queueing_blind": row(blind),
-        "binding": [f"{b.constraint} {b.subject}: {b.detail}" for b in ours.binding],
+        "binding": [f"{b.constraint} {b.subject}: {b.detail}"
+                    + ("" if b.usd_per_hour_saved_by_one_more is None else
+                       f" (saves ${b.usd_per_hour_saved_by_one_more:.3f}/h: one more unit, or without N+1)")
+                    for b in ours.binding],
     }
     if single:
         out["cheapest_single_sku"] = {"sku": single[0], **row(single[1])}
