@@ -117,13 +117,18 @@ def run(bundle: Path, out: Path, runs: int) -> int:
     ref = dict(np.load(bundle / "reference.npz"))
     build = bundle / info["builds"][arch]["folder"]
     sys.path.insert(0, str(build))
-    import mlopt_isa  # shipped in the build: never load host code this CPU cannot run
+    import mlopt_runtime  # shipped in the build: mlopt's runtime loaders, nothing else of mlopt
 
-    refused = mlopt_isa.refusal(json.loads((build / "tvm_entry.json").read_text()).get("requires"), f"build {build.name}")
-    if refused:
+    refused = mlopt_runtime.isa.refusal(json.loads((build / "tvm_entry.json").read_text()).get("requires"),
+                                        f"build {build.name}")
+    if refused:  # never load host code this CPU cannot run
         print(refused, file=sys.stderr)
-        return mlopt_isa.EXIT_CODE
-    tvm_run = _tvm_runner(build)
+        return mlopt_runtime.isa.EXIT_CODE
+    try:
+        tvm_run = _tvm_runner(build)
+    except mlopt_runtime.Unavailable as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
     rows, worst = [], 0.0
     for b in info["batches"]:
         x = ref[f"input_b{b}"]
@@ -158,22 +163,15 @@ def _gpu_name() -> str:
 
 
 def _tvm_runner(build: Path):
-    """The build's own loader (runtime only: TVM_USE_RUNTIME_LIB=1 is set before tvm is imported)."""
+    """The build's runtime loader, shipped in it (runtime only: TVM_USE_RUNTIME_LIB=1 is set before
+    tvm is imported); its VM function is kept to time it on device tensors."""
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     import tvm
-    from tvm.runtime.vm import VirtualMachine
+    from mlopt_runtime import tvm as loader
 
-    entry = json.loads((build / "tvm_entry.json").read_text())
-    from tvm.base import _LOADED_LIBS
-    from tvm_ffi.libinfo import load_lib_ctypes
-
-    if "tvm_runtime_cuda" not in _LOADED_LIBS:
-        lib_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
-        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
-                                                           extra_lib_paths=[lib_dir], mode="RTLD_LOCAL")
-    dev = tvm.cuda(0)
-    vm = VirtualMachine(tvm.runtime.load_module(str(build / entry["library"])), dev)
-    fn = vm[entry["function"]]
+    entry = loader.read_entry(build)
+    dev = loader.device(entry)  # the build's device (CUDA here), its plugin loaded; refused where absent
+    fn = loader.vm(build, entry["library"], dev)[entry["function"]]
 
     def go(x, keep_on_device: bool = False):
         res = fn(tvm.runtime.tensor(x, dev))

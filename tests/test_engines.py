@@ -23,7 +23,9 @@ from conftest import tiny_onnx
 
 from mlopt.core.model import Model, file_digest
 from mlopt.recipes.schema import InputSpec
-from mlopt.targets import engine_entry as entry
+from mlopt import runtime
+from mlopt.runtime import engines as entry, gpus
+from mlopt.runtime.files import sha256_file
 from mlopt.targets import engines
 from mlopt.targets.backends import Availability, BuildRequest, get_backend
 from mlopt.targets.catalog import load_catalog
@@ -331,7 +333,7 @@ def fake_libs(fakes: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.syspath_prepend(str(fakes))
     for key, value in H100_ENV.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(entry, "_smi_device", lambda: None)  # a real nvidia-smi must not answer
+    monkeypatch.setattr(gpus, "_smi_device", lambda: None)  # a real nvidia-smi must not answer
     detect = engines.local_device
     detect.cache_clear()
     yield fakes
@@ -348,7 +350,7 @@ def kfd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                        "1": "simd_count 1216\ngfx_target_version 90402\ndevice_id 29857\n"}.items():
         (nodes / node).mkdir(parents=True)
         (nodes / node / "properties").write_text(text)
-    monkeypatch.setattr(entry, "KFD_NODES", nodes)
+    monkeypatch.setattr(gpus, "KFD_NODES", nodes)
     return nodes
 
 
@@ -443,7 +445,7 @@ def test_engines_serve_only_their_vendor() -> None:
 
 
 def test_local_gpu_detection_reads_kfd_and_nvml(fake_libs: Path, kfd: Path) -> None:
-    assert entry.amd_device() == entry.Device("AMD gfx942 (device 0x74a1)", "gfx942", entry._amdgpu_driver())
+    assert entry.amd_device() == entry.Device("AMD gfx942 (device 0x74a1)", "gfx942", gpus._amdgpu_driver())
     assert entry.nvidia_device() == entry.Device("NVIDIA H100 80GB HBM3", "sm_90", "580.65.06")
     assert [entry.gfx_arch(v) for v in (90402, 90010, 110000, 100300)] == ["gfx942", "gfx90a", "gfx1100", "gfx1030"]
 
@@ -451,7 +453,7 @@ def test_local_gpu_detection_reads_kfd_and_nvml(fake_libs: Path, kfd: Path) -> N
 # ------------------------------------------------------------------ JIT plans
 def test_h100_build_is_a_tensorrt_jit_plan(tmp_path: Path) -> None:
     out, meta = build_artifact(tmp_path, "tensorrt", "h100")
-    assert sorted(p.name for p in out.iterdir()) == ["engine_entry.py", "engine_plan.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["engine_entry.py", "engine_plan.json", "mlopt_runtime", "model.onnx"]
     assert meta["format"] == "tensorrt-plan-jit" and meta["entry"] == "engine_entry.py"
     assert meta["precision"] == "float16" and meta["details"]["compiled"] == "on-device"
     plan = json.loads((out / "engine_plan.json").read_text())
@@ -459,9 +461,11 @@ def test_h100_build_is_a_tensorrt_jit_plan(tmp_path: Path) -> None:
     assert plan["precision"] == {"fp16": True, "int8": False}
     assert plan["profile"] == {"x": {"min": [1, 4], "opt": [4, 4], "max": [4, 4]}}
     assert plan["library"]["majors"] == [10] and plan["workspace_bytes"] > 0
-    assert plan["model"]["files"] == {"model.onnx": entry.file_sha256(out / "model.onnx")}
+    assert plan["model"]["files"] == {"model.onnx": sha256_file(out / "model.onnx")}
     assert plan["model"]["digest"] == file_digest(tmp_path / "tiny.onnx")
-    assert (out / "engine_entry.py").read_text() == Path(entry.__file__).read_text()
+    assert (out / "engine_entry.py").read_text() == runtime.script("engine_entry.py").read_text()
+    assert sorted(p.name for p in (out / "mlopt_runtime").iterdir()) == sorted(p.name for p in runtime.sources())
+    assert all((out / "mlopt_runtime" / p.name).read_bytes() == p.read_bytes() for p in runtime.sources())
 
 
 def test_mi300x_build_is_a_migraphx_jit_plan(tmp_path: Path) -> None:
@@ -574,11 +578,19 @@ def test_entry_imports_nothing_from_mlopt(tmp_path: Path, fakes: Path) -> None:
     poisoned = subprocess.run([sys.executable, "-c", "import mlopt"], capture_output=True, text=True, cwd=tmp_path,
                               env={"PYTHONPATH": str(fakes / "poison")}, timeout=60, check=False)
     assert poisoned.returncode == 1 and "must not import mlopt" in poisoned.stderr
-    tree = ast.parse(Path(entry.__file__).read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    here = Path(runtime.__file__).parent  # the script and the runtime modules the engine loader uses
+    files = [runtime.script("engine_entry.py"), *(here / f for f in ("__init__.py", "isa.py", "files.py", "gpus.py",
+                                                                      "engine_plan.py", "engines.py", "tensorrt.py",
+                                                                      "migraphx.py"))]
+    imported = set()
+    for f in files:
+        tree = ast.parse(f.read_text())
+        imported |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
     third_party = imported - set(sys.stdlib_module_names) - {"__future__"}
-    assert third_party == {"numpy", "pynvml", "cuda"}  # tensorrt/migraphx come through importlib
+    # tensorrt/migraphx come through importlib; the runtime's modules import each other relatively
+    assert third_party == {"numpy", "pynvml", "cuda", "mlopt_runtime"}
 
 
 # ------------------------------------------------------------------ the entry point (in-process)
@@ -594,7 +606,7 @@ def test_corrupt_cached_engine_is_rebuilt(tmp_path: Path, fake_libs: Path, monke
     # digests consistent but the library cannot load it (written by something else): rebuilt on open
     (folder / "engine.plan").write_bytes(b"not an engine")
     record = json.loads((folder / "engine.json").read_text())
-    record["files"]["engine.plan"] = entry.file_sha256(folder / "engine.plan")
+    record["files"]["engine.plan"] = sha256_file(folder / "engine.plan")
     (folder / "engine.json").write_text(json.dumps(record))
     assert entry.main(["--artifact", str(out), "build", "--cache", str(cache)]) == 0
     assert build_count(log) == 3 and entry.intact(folder, entry.prepare(out).key)

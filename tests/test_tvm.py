@@ -34,7 +34,7 @@ def test_libraries_hold_code_for_the_skus_machine(digits_build: dict) -> None:
         art = store.get(_candidate(manifest, sku, "tvm")["artifact"]["key"])
         entry = json.loads((art.path / "tvm_entry.json").read_text())
         assert elf_machine(art.path / entry["library"]) == machine
-        assert entry["inputs"] == ["x"] and (art.path / "run_tvm.py").is_file() and (art.path / "mlopt_isa.py").is_file()
+        assert entry["inputs"] == ["x"] and (art.path / "run_tvm.py").is_file() and (art.path / "mlopt_runtime" / "isa.py").is_file()
         sku_data = load_catalog().get(sku)
         # the SKU's own CPU, never the build machine's (`native`): a v3 build made on a v4 machine runs on v3
         assert entry["target"] == sku_data.tvm_target and entry["requires"] == sku_data.requires

@@ -21,9 +21,6 @@ from mlopt.targets.catalog import SKU
 from mlopt.core.util import scratch_cwd
 
 
-RUNTIME_MODULES = {"apache-tvm": "tvm", "apache-tvm-ffi": "tvm_ffi"}  # package -> module to import first
-
-
 def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
                reference: dict[str, Any]) -> tuple[dict[str, Any], list[str], int]:
     allowed = run.recipe.backends_for(sku.name, sku.kind)
@@ -174,7 +171,7 @@ def _measure(run: Run, backend: Backend, art: Any, threads: int, reference: dict
         feeds = {b: run.sample_feed(b) for b in plan.batch_sizes}
         load = lambda: backend.load(art.path, art.meta, threads)  # noqa: E731
         figures = measure(load, feeds, plan)
-        modules = [RUNTIME_MODULES.get(p, p.replace("-", "_")) for p in backend.toolchain()]
+        modules = list(backend.spec.run_modules)
         figures["peak_memory_bytes"], figures["memory_method"] = peak_memory(
             backend.name, modules, art.path, art.meta, threads, feeds[max(feeds)])
         figures["accuracy"] = _build_accuracy(run, backend.load(art.path, art.meta, threads), reference)

@@ -19,9 +19,6 @@ from mlopt.core.files import key_of
 from mlopt.store import Store
 
 KIND = "matrix"
-# Packages whose version changes a backend's output, besides the pipeline's own toolchain().
-BACKEND_PACKAGES = ("apache-tvm-ffi", "openvino", "tensorrt", "tensorrt-cu13", "tensorrt-cu12", "cuda-python",
-                    "nvidia-cuda-nvcc")
 
 
 def task_key(task: Task, where: str) -> str:
@@ -38,6 +35,15 @@ def task_key(task: Task, where: str) -> str:
                    "environment": environment(), "where": where})
 
 
+def backend_packages() -> list[str]:
+    """Packages whose version changes a backend's output (its spec's), besides the pipeline's own toolchain()."""
+    from mlopt.compiler.run import toolchain
+    from mlopt.targets.backends import backend_specs
+
+    names = dict.fromkeys(p for s in backend_specs() for p in (*s.packages, *s.build_packages))
+    return [p for p in names if p not in toolchain()]
+
+
 @lru_cache(maxsize=1)
 def environment() -> dict[str, Any]:
     """Package and compiler versions, and this machine (looked up once per process)."""
@@ -45,7 +51,7 @@ def environment() -> dict[str, Any]:
     from mlopt.targets import detect, gpu_toolchain
     from mlopt.targets.backends import package_version
 
-    return {"packages": {**toolchain(), **{p: package_version(p) for p in BACKEND_PACKAGES}},
+    return {"packages": {**toolchain(), **{p: package_version(p) for p in backend_packages()}},
             "tools": detect.toolchains(), "cuda": gpu_toolchain.cuda_missing(), "rocm": gpu_toolchain.rocm_missing(),
             "host": detect.host()}
 

@@ -2,8 +2,8 @@
 (``docker build``, ``buildah build``, ``podman build``, or mlopt's ``--builder`` option).
 
 The context holds the same files as the image's layers: ``model/`` (hard links to the store's
-files where the file system allows), ``serving/``, ``entry.py`` and, with a runtime folder,
-``runtime/``. The Dockerfile pins the base by digest. A builder's layers carry its own timestamps,
+files where the file system allows), ``serving/``, ``entry.py``, ``mlopt_runtime/`` (the loaders
+entry.py calls) and, with a runtime folder, ``runtime/``. The Dockerfile pins the base by digest. A builder's layers carry its own timestamps,
 so its image digest differs from the built-in one; the files inside are the same.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mlopt.package.oci import FileEntry
 from mlopt.core.refs import LayoutRef, parse_base
-from mlopt.package.serving import ENTRY_PATH, ISA_PATH, MODEL_DIR, SERVING_DIR, Deployable
+from mlopt.package.serving import ENTRY_PATH, IMAGE_ROOT, MODEL_DIR, RUNTIME_PATH, SERVING_DIR, Deployable
 from mlopt.core.util import inside
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def write_context(d: Deployable, base: "BaseImage", folder: Path, options: "Imag
     for f in artifact_files(d):
         _place(f, inside(folder, "model", f.path[len(MODEL_DIR) + 1:]))
     for f in serving_files(d, options.serving):
-        rel = {ENTRY_PATH: "entry.py", ISA_PATH: "mlopt_isa.py"}.get(f.path) or "serving/" + f.path[len(SERVING_DIR) + 1:]
+        rel = "entry.py" if f.path == ENTRY_PATH else f.path[len(IMAGE_ROOT) + 1:]  # serving/..., mlopt_runtime/...
         _place(f, inside(folder, rel))
     runtime = options.runtime_dirs.get(d.sku.name) or options.runtime_dir
     if runtime:
@@ -108,7 +108,7 @@ def dockerfile(base: "BaseImage", labels: dict[str, str], port: int, site_packag
         *([f"COPY runtime/ {site_packages}/"] if site_packages else []),
         f"COPY serving/ {SERVING_DIR}/",
         f"COPY entry.py {ENTRY_PATH}",
-        f"COPY mlopt_isa.py {ISA_PATH}",
+        f"COPY {RUNTIME_PATH[len(IMAGE_ROOT) + 1:]}/ {RUNTIME_PATH}/",
         "# The entry point needs python3, numpy and the build's runtime (serving/requirements.txt) in the base image",
         "# or the runtime folder; with network access: RUN python3 -m pip install -r /opt/mlopt/serving/requirements.txt",
         *(notes or []),

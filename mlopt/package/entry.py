@@ -1,8 +1,9 @@
 """mlopt's in-image entry point: load one build and serve it over HTTP with the Open Inference
 Protocol (KServe v2) JSON API, the protocol Triton and KServe speak.
 
-It imports nothing from mlopt: the standard library, numpy and the build's runtime (onnxruntime,
-the TVM runtime, openvino, or the engine entry shipped in a TensorRT/MIGraphX artifact).
+It imports nothing from mlopt but its runtime loaders: the standard library, numpy and the
+``mlopt_runtime`` package shipped beside it (``mlopt.runtime``, one loader per backend, each
+importing its own library: onnxruntime, the TVM runtime, openvino, TensorRT or MIGraphX).
 
     python3 entry.py [--serving /opt/mlopt/serving/serve.json] [--host 0.0.0.0] [--port 8000] [--check]
 
@@ -11,26 +12,28 @@ GET  /v2/health/live              200 unless loading failed
 GET  /v2, /v2/models/NAME         server and model metadata
 POST /v2/models/NAME/infer        {"inputs": [{"name", "shape", "datatype", "data"}]} -> {"outputs": [...]}
 
-``--check`` loads the model, runs it once on zeros and exits (0 ok, 1 failure). A build whose code
-this CPU cannot run (``requires`` in serve.json) is refused before anything loads: exit 4.
+``--check`` loads the model, runs it once on zeros and exits (0 ok, 1 failure, 4 the build's runtime
+library or device is missing here). A build whose code this CPU cannot run (``requires`` in
+serve.json) is refused before anything loads: exit 4.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-try:  # in an image and a Triton repository, mlopt.runtime.isa ships beside this file as mlopt_isa.py
-    import mlopt_isa as isa
+try:  # in an image and a Triton repository, mlopt.runtime ships beside this file as mlopt_runtime
+    import mlopt_runtime as runtime
 except ImportError:
-    from mlopt.runtime import isa
+    from mlopt import runtime
+
+isa = runtime.isa
 
 SERVING = "/opt/mlopt/serving/serve.json"
 V2_TYPES = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "INT64": "int64", "INT32": "int32",
@@ -39,94 +42,19 @@ V2_TYPES = {"FP32": "float32", "FP16": "float16", "FP64": "float64", "INT64": "i
 DTYPE_V2 = {v: k for k, v in V2_TYPES.items()}
 MAX_BODY = 256 << 20
 
-Runner = Callable[[dict[str, Any]], dict[str, Any]]
+Runner = runtime.Runner
 
 
 class RequestError(Exception):
     """A bad inference request (HTTP 400)."""
 
 
-# ------------------------------------------------------------------ loaders, one per backend
-def _ort(spec: dict[str, Any], model_dir: Path) -> Runner:
-    import onnxruntime as ort
-
-    settings = _json(model_dir / "session.json") if (model_dir / "session.json").is_file() else {}
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                            settings.get("graph_optimization_level", "ORT_ENABLE_ALL"))
-    opts.intra_op_num_threads = int(spec.get("threads") or settings.get("intra_op_num_threads") or 0)
-    opts.inter_op_num_threads = int(settings.get("inter_op_num_threads", 1))
-    opts.log_severity_level = 3
-    wanted = settings.get("providers") or spec.get("providers") or ["CPUExecutionProvider"]
-    providers = [p for p in wanted if p in ort.get_available_providers()]
-    if not providers:
-        raise RuntimeError(f"none of the execution providers {wanted} is in this onnxruntime build")
-    sess = ort.InferenceSession(str(model_dir / (spec.get("entry") or "model.onnx")), opts, providers=providers)
-    names = [o.name for o in sess.get_outputs()]
-    return lambda feed: dict(zip(names, sess.run(names, feed)))
-
-
-def _engine(spec: dict[str, Any], model_dir: Path) -> Runner:
-    """TensorRT / MIGraphX: the artifact's own entry builds the engine on this GPU, with a cache."""
-    path = model_dir / "engine_entry.py"
-    module_spec = importlib.util.spec_from_file_location("mlopt_engine_entry", path)
-    if module_spec is None or module_spec.loader is None:
-        raise RuntimeError(f"{path} cannot be imported")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module
-    module_spec.loader.exec_module(module)
-    cache = spec.get("engine_cache")
-    return module.open_runner(model_dir, Path(cache) if cache else None)
-
-
-def _tvm(spec: dict[str, Any], model_dir: Path) -> Runner:
-    import numpy as np
-    import tvm
-    from tvm import relax
-
-    entry = _json(model_dir / "tvm_entry.json")
-    vms: dict[str, Any] = {}
-
-    def run(feed: dict[str, Any]) -> dict[str, Any]:
-        batch = feed[entry["inputs"][0]].shape[0]
-        lib = entry["tuned"].get(str(batch), entry["library"])
-        if lib not in vms:
-            vms[lib] = relax.VirtualMachine(tvm.runtime.load_module(str(model_dir / lib)), tvm.cpu())
-        out = vms[lib][entry["function"]](*[tvm.runtime.tensor(np.ascontiguousarray(feed[n])) for n in entry["inputs"]])
-        outs = [out] if hasattr(out, "numpy") else list(out)
-        return {n: o.numpy() for n, o in zip(entry["outputs"], outs)}
-
-    return run
-
-
-def _openvino(spec: dict[str, Any], model_dir: Path) -> Runner:
-    import openvino as ov
-
-    cfg = _json(model_dir / "ov_config.json")
-    compiled = ov.Core().compile_model(str(model_dir / cfg["model"]), spec.get("openvino_device") or cfg["device"],
-                                       cfg.get("config") or {})
-    ports = {n: next(o for o in compiled.outputs if n in o.get_names()) for n in cfg["outputs"]}
-    request = compiled.create_infer_request()
-
-    def run(feed: dict[str, Any]) -> dict[str, Any]:
-        res = request.infer(feed)
-        return {n: res[p] for n, p in ports.items()}
-
-    return run
-
-
-LOADERS: dict[str, Callable[[dict[str, Any], Path], Runner]] = {
-    "onnxruntime": _ort, "tensorrt": _engine, "migraphx": _engine, "tvm": _tvm, "openvino": _openvino,
-}
-
-
+# ------------------------------------------------------------------ the build, through its runtime loader
 def load_runner(spec: dict[str, Any], model_dir: Path | None = None) -> Runner:
-    """The callable that runs the build named by a serve.json ``spec``: feed dict in, output dict out."""
-    backend = spec["backend"]
+    """The callable that runs the build named by a serve.json ``spec``: feed dict in, output dict out.
+    The device (CPU, CUDA, ROCm) is the build's own; a missing one is ``runtime.Unavailable`` (exit 4)."""
     isa.require(spec.get("requires"), f"build of {spec.get('model')} v{spec.get('version')} for {spec.get('sku')}")
-    if backend not in LOADERS:
-        raise RuntimeError(f"backend {backend!r} has no loader here; known: {', '.join(sorted(LOADERS))}")
-    return LOADERS[backend](spec, Path(model_dir or spec["model_dir"]))
+    return runtime.load(spec["backend"], Path(model_dir or spec["model_dir"]), spec, spec.get("threads"))
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -142,6 +70,7 @@ class Model:
         self.model_dir = model_dir
         self.runner: Runner | None = None
         self.error: str | None = None
+        self.exit_code = 0  # of a failed load: 4 where the runtime library or device is missing
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -149,6 +78,7 @@ class Model:
             self.runner = load_runner(self.spec, self.model_dir)
         except Exception as e:  # reported by /v2/health/live and the log; the pod restarts
             self.error = f"{type(e).__name__}: {e}"
+            self.exit_code = getattr(e, "exit_code", 1)
             print(f"entry: loading {self.spec['model']} failed: {self.error}", file=sys.stderr, flush=True)
 
     def metadata(self) -> dict[str, Any]:
@@ -258,7 +188,7 @@ def _check(model: Model) -> int:
 
     model.load()
     if model.runner is None:
-        return 1
+        return model.exit_code
     feed = {i["name"]: np.zeros([d if isinstance(d, int) else 1 for d in i["shape"]], dtype=i["dtype"])
             for i in model.spec["inputs"]}
     out = model.runner(feed)

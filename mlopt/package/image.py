@@ -9,8 +9,9 @@ Output folder (default: ``image/`` beside the manifest)::
 
 Image contents: ``/opt/mlopt/model/`` (the artifact's files and ``artifact.json``),
 ``/opt/mlopt/serving/`` (``serve.json``, ``requirements.txt``, a Triton model repository under
-``triton/`` whose model files are links into ``model/``), ``/opt/mlopt/entry.py``, and, with a
-runtime folder, ``/opt/mlopt/site-packages/`` on ``PYTHONPATH``.
+``triton/`` whose model files are links into ``model/``), ``/opt/mlopt/entry.py`` with the
+``mlopt.runtime`` package it calls beside it (``/opt/mlopt/mlopt_runtime/``), and, with a runtime
+folder, ``/opt/mlopt/site-packages/`` on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from mlopt.core.refs import check_tag
 from mlopt.package.serving import (
     ENTRY_PATH,
     IMAGE_ROOT,
-    ISA_PATH,
     MODEL_DIR,
+    RUNTIME_PATH,
     SERVING_DIR,
     Deployable,
     ServingOptions,
@@ -239,9 +240,10 @@ def runtime_files(folder: Path) -> list[FileEntry]:
 
 
 def serving_files(d: Deployable, options: ServingOptions) -> list[FileEntry]:
-    """serve.json, requirements.txt, the Triton repository (links into the model folder) and entry.py."""
+    """serve.json, requirements.txt, the Triton repository (links into the model folder), entry.py
+    and the mlopt_runtime package whose loaders it calls."""
+    from mlopt import runtime
     from mlopt.package import entry
-    from mlopt.runtime import isa
 
     spec = serve_spec(d, options)
     repo = f"{SERVING_DIR}/triton/{d.model.name}"
@@ -249,14 +251,13 @@ def serving_files(d: Deployable, options: ServingOptions) -> list[FileEntry]:
              FileEntry(f"{SERVING_DIR}/requirements.txt", data=requirements(d).encode()),
              FileEntry(f"{repo}/config.pbtxt", data=triton.config_text(d, options).encode()),
              FileEntry(ENTRY_PATH, source=Path(entry.__file__), mode=0o755),
-             FileEntry(ISA_PATH, source=Path(isa.__file__))]
+             *(FileEntry(f"{RUNTIME_PATH}/{p.name}", source=p) for p in runtime.sources())]
     files += [_link(f"{repo}/1/{p.name}", f"{MODEL_DIR}/{p.name}") for p in triton.version_files(d)]
     extra = triton.python_backend_files(d, options)  # Triton's Python backend runs the build through entry.py
     files += [FileEntry(f"{repo}/1/{name}", data=data) for name, data in sorted(extra.items())]
     if extra:
         files.append(_link(f"{repo}/1/mlopt_entry.py", ENTRY_PATH))
-        if not any(f.path == f"{repo}/1/mlopt_isa.py" for f in files):  # a TVM artifact ships its own copy
-            files.append(_link(f"{repo}/1/mlopt_isa.py", ISA_PATH))
+        files.append(_link(f"{repo}/1/{runtime.SHIPPED_NAME}", RUNTIME_PATH))
     return files
 
 

@@ -21,9 +21,9 @@ from typing import Any
 from mlopt.core.errors import BackendUnavailable, BadInput
 from mlopt.package.serving import (
     ENGINE_CACHE,
-    JIT_BACKENDS,
     Deployable,
     ServingOptions,
+    is_jit,
     memory_request,
 )
 
@@ -101,7 +101,7 @@ def workload(d: Deployable, image: str, options: ServingOptions) -> Workload:
         pod["nodeSelector"] = dict(d.sku.kubernetes.node_selector)
     if d.sku.kubernetes.resource:
         pod["tolerations"] = [{"key": d.sku.kubernetes.resource, "operator": "Exists", "effect": "NoSchedule"}]
-    if d.backend in JIT_BACKENDS:  # engines are built once per node and shared by its replicas
+    if is_jit(d.backend):  # engines are built once per node and shared by its replicas
         pod["volumes"] = [{"name": "engine-cache", "hostPath": {"path": ENGINE_CACHE, "type": "DirectoryOrCreate"}}]
     return Workload(name, image, labels, annotations, pod)
 
@@ -111,7 +111,7 @@ def _container(d: Deployable, image: str, options: ServingOptions, mem: int) -> 
     limits = {"memory": _mebibytes(2 * mem)}
     if d.sku.kubernetes.resource:
         limits[d.sku.kubernetes.resource] = "1"
-    jit = d.backend in JIT_BACKENDS
+    jit = is_jit(d.backend)
     c: dict[str, Any] = {
         "name": "model", "image": image, "imagePullPolicy": "IfNotPresent",
         "ports": [{"name": PORT_NAME, "containerPort": options.port, "protocol": "TCP"}],

@@ -17,6 +17,8 @@ from typing import Any
 from mlopt.core.errors import BadInput, StoreError
 from mlopt.manifest import Entry, Manifest, Measurement, ModelInfo
 from mlopt.store import Artifact, Store
+from mlopt.runtime import SHIPPED_NAME
+from mlopt.targets.backends import backend_spec
 from mlopt.targets.catalog import SKU, Catalog
 from mlopt.targets.ort import ENGINE_CACHE  # the volume the session settings and engine plans cache on
 
@@ -24,8 +26,7 @@ IMAGE_ROOT = "/opt/mlopt"
 MODEL_DIR = f"{IMAGE_ROOT}/model"
 SERVING_DIR = f"{IMAGE_ROOT}/serving"
 ENTRY_PATH = f"{IMAGE_ROOT}/entry.py"
-ISA_PATH = f"{IMAGE_ROOT}/mlopt_isa.py"  # mlopt.runtime.isa, which entry.py imports to refuse foreign CPU code
-JIT_BACKENDS = ("tensorrt", "migraphx")  # engines built on the device when the container starts
+RUNTIME_PATH = f"{IMAGE_ROOT}/{SHIPPED_NAME}"  # the mlopt.runtime package, whose loaders entry.py calls
 MIN_GAIN = 1.10  # a larger batch is preferred only for at least 10% more throughput
 RUNTIME_OVERHEAD = 256 << 20  # Python, numpy and the runtime library beside the model (bytes)
 
@@ -82,6 +83,11 @@ class Deployable:
     @property
     def slug(self) -> str:
         return f"{self.model.name}-v{self.entry.version}-{self.sku.name}"
+
+
+def is_jit(backend: str) -> bool:
+    """Whether the backend's engines are built on the device when the container starts."""
+    return backend_spec(backend).jit
 
 
 def deployables(manifest: Manifest, store: Store, catalog: Catalog,
@@ -162,7 +168,7 @@ def serve_spec(d: Deployable, options: ServingOptions) -> dict[str, Any]:
         "precision": d.entry.precision, "model_dir": MODEL_DIR, "entry": d.artifact.meta.get("entry"),
         "inputs": [i.model_dump(mode="json") for i in d.model.inputs], "outputs": list(d.model.outputs),
         "threads": d.threads, "providers": list(d.sku.onnxruntime_providers), "openvino_device": d.sku.openvino_device,
-        "port": options.port, "engine_cache": ENGINE_CACHE if d.backend in JIT_BACKENDS else None,
+        "port": options.port, "engine_cache": ENGINE_CACHE if is_jit(d.backend) else None,
         "requires": d.artifact.meta.get("requires") or {},
     }
 
@@ -170,8 +176,8 @@ def serve_spec(d: Deployable, options: ServingOptions) -> dict[str, Any]:
 def requirements(d: Deployable) -> str:
     """requirements.txt pinning the runtime the artifact was built and validated with (for an
     on-device engine plan: the engine library and its CUDA binding the plan names)."""
-    names = {"onnxruntime": "onnxruntime", "apache-tvm": "apache-tvm", "openvino": "openvino"}
-    pins = [f"{names[k]}=={v}" for k, v in sorted(d.artifact.meta.get("toolchain", {}).items()) if k in names]
+    names = backend_spec(d.backend).serving
+    pins = [f"{k}=={v}" for k, v in sorted(d.artifact.meta.get("toolchain", {}).items()) if k in names]
     plan = _read_json(d.artifact.path / "engine_plan.json") or {}
     library = plan.get("library") or {}
     pins += [x for x in (library.get("requires"), library.get("runtime")) if x]

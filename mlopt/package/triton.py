@@ -1,23 +1,24 @@
 """Triton model repositories per SKU: ``config.pbtxt`` built as Triton's own ``ModelConfig``
 protobuf (from ``tritonclient[grpc]``) and checked again, semantically, after rendering.
 
-Backends map to Triton as data: ONNX Runtime builds run on the ``onnxruntime_onnx`` platform;
-TensorRT and MIGraphX builds (ONNX plus an on-device build plan) run there too, with the engine
-built on the GPU by the execution accelerator and cached; OpenVINO IR runs on the ``openvino``
-backend; TVM libraries run on the ``python`` backend through mlopt's entry point.
+Backends map to Triton as data, in each backend's ``BackendSpec.triton``: ONNX Runtime builds run
+on the ``onnxruntime_onnx`` platform; TensorRT and MIGraphX builds (ONNX plus an on-device build
+plan) run there too, with the engine built on the GPU by the execution accelerator and cached;
+OpenVINO IR runs on the ``openvino`` backend; TVM libraries run on the ``python`` backend through
+mlopt's entry point and the ``mlopt_runtime`` package shipped beside it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlopt.core.errors import BackendUnavailable, BadInput
 from mlopt.package.onnxio import TensorDecl, graph_io
 from mlopt.core.util import inside
+from mlopt.targets.backends import BACKENDS, TritonRuntime, backend_spec
 from mlopt.package.serving import (
     ENGINE_CACHE,
     BatchPlan,
@@ -28,25 +29,7 @@ from mlopt.package.serving import (
 )
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """How Triton runs one mlopt backend."""
-
-    key: str  # "platform" or "backend"
-    value: str
-    files: tuple[str, ...]  # artifact files (name prefixes) Triton loads from the version folder
-    default_file: str | None = None
-    accelerator: str | None = None  # gpu_execution_accelerator of the ONNX Runtime backend
-
-
-RUNTIMES = {
-    "onnxruntime": Runtime("platform", "onnxruntime_onnx", ("model.onnx",), "model.onnx"),
-    "tensorrt": Runtime("platform", "onnxruntime_onnx", ("model.onnx",), "model.onnx", "tensorrt"),
-    # MIGraphX as an ONNX Runtime accelerator needs ROCm's build of Triton's ONNX Runtime backend.
-    "migraphx": Runtime("platform", "onnxruntime_onnx", ("model.onnx",), "model.onnx", "migraphx"),
-    "openvino": Runtime("backend", "openvino", ("model.xml", "model.bin"), "model.xml"),
-    "tvm": Runtime("backend", "python", ("",)),  # every artifact file, beside model.py
-}
+Runtime = TritonRuntime  # how Triton runs one mlopt backend (declared in the backend's BackendSpec)
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
                 "uint64": "TYPE_UINT64", "uint32": "TYPE_UINT32", "uint16": "TYPE_UINT16", "uint8": "TYPE_UINT8",
@@ -89,9 +72,10 @@ def _pb() -> Any:
 
 
 def runtime_of(backend: str) -> Runtime:
-    if backend not in RUNTIMES:
-        raise BadInput(f"no Triton runtime for backend {backend!r}; known: {', '.join(sorted(RUNTIMES))}")
-    return RUNTIMES[backend]
+    """The Triton runtime of a backend, from its spec."""
+    if backend not in BACKENDS:
+        raise BadInput(f"no Triton runtime for backend {backend!r}; known: {', '.join(sorted(BACKENDS))}")
+    return backend_spec(backend).triton
 
 
 def output_decls(d: Deployable) -> list[TensorDecl]:
@@ -141,11 +125,10 @@ def _dims(shape: Any) -> list[int]:
 
 
 def _tune(c: Any, d: Deployable, rt: Runtime) -> None:
-    if rt.value == "onnxruntime_onnx":
-        c.parameters["intra_op_thread_count"].string_value = str(d.threads)
-        c.parameters["inter_op_thread_count"].string_value = "1"
-    if rt.value == "openvino":
-        c.parameters["INFERENCE_NUM_THREADS"].string_value = str(d.threads)
+    for key in rt.thread_parameters:
+        c.parameters[key].string_value = str(d.threads)
+    for key, value in rt.parameters:
+        c.parameters[key].string_value = value
     if rt.accelerator:
         acc = c.optimization.execution_accelerators.gpu_execution_accelerator.add(name=rt.accelerator)
         for key, value in _accelerator_parameters(d, rt.accelerator).items():
@@ -242,7 +225,8 @@ def version_files(d: Deployable) -> list[Path]:
 
 
 def python_backend_files(d: Deployable, options: ServingOptions) -> dict[str, bytes]:
-    """model.py and serve.json for builds Triton runs on its Python backend (besides mlopt_entry.py)."""
+    """model.py and serve.json for builds Triton runs on its Python backend (besides mlopt_entry.py
+    and the mlopt_runtime package)."""
     if runtime_of(d.backend).value != "python":
         return {}
     spec = {**serve_spec(d, options), "model_dir": None}
@@ -264,11 +248,10 @@ def write_repository(d: Deployable, out: Path, options: ServingOptions) -> Path:
     for name, data in extra.items():
         inside(version, name).write_bytes(data)
     if extra:
-        from mlopt.runtime import isa
+        from mlopt import runtime
 
         shutil.copyfile(entry.__file__, version / "mlopt_entry.py")
-        if not (version / "mlopt_isa.py").exists():  # a TVM artifact ships its own (a link into the store)
-            shutil.copyfile(isa.__file__, version / "mlopt_isa.py")
+        runtime.ship(version)  # the loaders mlopt_entry.py calls
     return folder
 
 

@@ -2,7 +2,7 @@
 
 Standalone: it imports only the standard library, because it ships beside every loader that runs
 without mlopt (``run_tvm.py`` in a TVM artifact, the image entry point, the Triton Python model,
-``gpu_check.py``); there it is the file ``mlopt_isa.py``.
+``gpu_check.py``), inside the shipped package ``mlopt_runtime``.
 
 ``MLOPT_CPU_FLAGS`` narrows what mlopt believes this CPU has (it can only take flags away, never add
 one the CPU lacks, so it can never make mlopt run code the CPU cannot):

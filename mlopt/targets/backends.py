@@ -1,18 +1,24 @@
-"""Backends turn a Model into a build for one SKU. Heavy backends import lazily from a static table."""
+"""Backends turn a Model into a build for one SKU. Heavy backends import lazily from a static table.
+
+A backend is one room: its module in ``mlopt/targets`` (the ``Backend`` subclass and its
+``BackendSpec``: packages, Triton mapping, JIT or not, what doctor checks, what an image pins) and its
+runtime loader in ``mlopt/runtime`` (which validation, measurement, images and serving all call).
+Adding one = those two files, a line in ``BACKENDS`` and the SKUs' ``backends`` in the catalog.
+"""
 
 from __future__ import annotations
 
 import importlib
+import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
-
-import numpy as np
+from typing import Any, ClassVar, Literal
 
 from mlopt.core.model import Model
 from mlopt.core.errors import BackendUnavailable, UnknownName
-from mlopt.runtime import isa
+from mlopt import runtime
+from mlopt.runtime import Runner, isa
 from mlopt.targets.catalog import SKU
 from mlopt.core.util import package_version  # noqa: F401  (re-exported for the backends)
 
@@ -24,7 +30,39 @@ BACKENDS: dict[str, str] = {
     "migraphx": "mlopt.targets.engines:MIGraphXBackend",
 }
 
-Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class TritonRuntime:
+    """How Triton runs a backend's builds."""
+
+    key: str  # "platform" or "backend"
+    value: str
+    files: tuple[str, ...]  # artifact files (name prefixes) Triton loads from the version folder
+    default_file: str | None = None
+    accelerator: str | None = None  # gpu_execution_accelerator of the ONNX Runtime backend
+    thread_parameters: tuple[str, ...] = ()  # config parameters set to the instance's thread count
+    parameters: tuple[tuple[str, str], ...] = ()  # fixed config parameters
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Everything the rest of mlopt knows about a backend, declared once in its module (readable
+    without importing the backend's library)."""
+
+    name: str
+    loader: str  # the module of mlopt.runtime that runs its builds
+    packages: dict[str, str]  # pip distribution -> the module it provides (versions key artifacts and ledgers)
+    triton: TritonRuntime
+    modules: tuple[str, ...] = ()  # imported before a memory probe measures a run (default: packages' modules)
+    build_packages: tuple[str, ...] = ()  # distributions that change its output without being imported to run
+    jit: bool = False  # the build is a plan whose engine is built on the device when the container starts
+    doctor: tuple[str, ...] = ()  # `mlopt doctor` runtime components it needs
+    serving: tuple[str, ...] = ()  # distributions an image pins at the build's version (requirements.txt)
+
+    @property
+    def run_modules(self) -> tuple[str, ...]:
+        return self.modules or tuple(dict.fromkeys(self.packages.values()))
 
 
 @dataclass(frozen=True)
@@ -54,6 +92,7 @@ class Backend(ABC):
     """One code generator. Subclasses are registered in ``BACKENDS``."""
 
     name: ClassVar[str]
+    spec: ClassVar[BackendSpec]
     atol: ClassVar[float] = 1e-4  # validation tolerance against the reference outputs
     rtol: ClassVar[float] = 1e-3
 
@@ -79,9 +118,13 @@ class Backend(ABC):
                                                   "machine runs")
         return self.open(artifact, meta, threads)
 
-    @abstractmethod
     def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
-        """A callable running the built artifact on a feed (``load`` checks the CPU first)."""
+        """The backend's runtime loader (``mlopt.runtime.<spec.loader>``) on the artifact (``load``
+        checks the CPU first); a missing runtime library or device is ``BackendUnavailable``."""
+        try:
+            return runtime.loader(self.spec.loader).load(artifact, meta, threads)
+        except runtime.Unavailable as e:
+            raise BackendUnavailable(f"{self.name}: {e}") from None
 
     @abstractmethod
     def toolchain(self) -> dict[str, str]:
@@ -92,11 +135,33 @@ class Backend(ABC):
         return self.toolchain()
 
 
-def get_backend(name: str) -> Backend:
-    """Instantiate a backend by name (imports its module only now)."""
+def ship_loader(out: Path, script: str) -> None:
+    """Put the script that runs a build without mlopt (``run_tvm.py`` ...) into the build folder
+    ``out``, with the runtime package it calls beside it (``mlopt_runtime/``)."""
+    shutil.copyfile(runtime.script(script), out / script)
+    runtime.ship(out)
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class by name (imports its module only now, never the backend's library)."""
     if name not in BACKENDS:
         raise UnknownName(f"unknown backend {name!r}; choose from {', '.join(sorted(BACKENDS))}")
     module, _, cls = BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_backend(name: str) -> Backend:
+    """Instantiate a backend by name (imports its module only now)."""
+    return backend_class(name)()
+
+
+def backend_spec(name: str) -> BackendSpec:
+    """The ``BackendSpec`` of backend ``name``."""
+    return backend_class(name).spec
+
+
+def backend_specs() -> list[BackendSpec]:
+    """Every backend's spec, in ``BACKENDS`` order."""
+    return [backend_spec(n) for n in BACKENDS]
 
 

@@ -8,8 +8,9 @@ serving container first starts on the SKU and caches it on a volume keyed by GPU
 version. Such a build is recorded as ``compiled: on-device`` and has no figures until measured
 there; no engine and no number is made up here.
 
-Both paths run the same builder code: the backend imports it from ``engine_entry`` (which imports
-nothing from mlopt, because it is copied into the artifact and runs in the serving container).
+Both paths run the same builder code: the backend's runtime loader ``mlopt.runtime.engines``
+(which imports nothing else from mlopt, because it ships into the artifact as ``mlopt_runtime/``,
+beside the ``engine_entry.py`` script that calls it, and runs in the serving container).
 """
 
 from __future__ import annotations
@@ -22,10 +23,21 @@ from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mlopt.core.files import sha256_file
 from mlopt.core.model import onnx_files
 from mlopt.core.errors import BackendUnavailable, BadInput
-from mlopt.targets import engine_entry as entry
-from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
+from mlopt.runtime import engines as entry, gpus
+from mlopt.runtime.migraphx import rocm_version
+from mlopt.targets.backends import (
+    Availability,
+    Backend,
+    BackendSpec,
+    BuildRequest,
+    Runner,
+    TritonRuntime,
+    package_version,
+    ship_loader,
+)
 from mlopt.targets.catalog import SKU
 
 PLAN_VERSION = 1
@@ -33,11 +45,25 @@ MODEL_FILE = "model.onnx"
 ENTRY_FILE = "engine_entry.py"
 WORKSPACE_BYTES = 4 << 30  # TensorRT's scratch-memory ceiling while choosing kernels
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
-DETECTORS = {"tensorrt": entry.nvidia_device, "migraphx": entry.amd_device}
+DETECTORS = {"tensorrt": gpus.nvidia_device, "migraphx": gpus.amd_device}
+ORT_THREADS = ("intra_op_thread_count",), (("inter_op_thread_count", "1"),)  # Triton runs them on ONNX Runtime
+TENSORRT = BackendSpec(
+    name="tensorrt", loader="engines", jit=True,
+    packages={"tensorrt": "tensorrt", "tensorrt-cu13": "tensorrt", "tensorrt-cu12": "tensorrt", "cuda-python": "cuda"},
+    triton=TritonRuntime("platform", "onnxruntime_onnx", ("model.onnx",), "model.onnx", "tensorrt", *ORT_THREADS),
+    doctor=("tensorrt",),
+)
+# MIGraphX comes with ROCm, not PyPI; as an ONNX Runtime accelerator it needs ROCm's build of
+# Triton's ONNX Runtime backend.
+MIGRAPHX = BackendSpec(
+    name="migraphx", loader="engines", jit=True, packages={}, modules=("migraphx",),
+    triton=TritonRuntime("platform", "onnxruntime_onnx", ("model.onnx",), "model.onnx", "migraphx", *ORT_THREADS),
+    doctor=("migraphx",),
+)
 
 
 @cache
-def local_device(kind: str) -> entry.Device | None:
+def local_device(kind: str) -> gpus.Device | None:
     """This machine's GPU as the entry point sees it (cached: detection may run nvidia-smi)."""
     return DETECTORS[kind]()
 
@@ -74,7 +100,7 @@ def copy_model(src: Path, out: Path) -> dict[str, str]:
         dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
-        files[rel.as_posix()] = entry.file_sha256(dest)
+        files[rel.as_posix()] = sha256_file(dest)
     return files
 
 
@@ -82,8 +108,7 @@ class EngineBackend(Backend):
     """A backend whose engine is built by ``engine_entry`` on a GPU of the SKU's architecture."""
 
     vendor: ClassVar[str]
-    kind: ClassVar[str]  # engine_entry.ENGINES key
-    modules: ClassVar[tuple[str, ...]]  # Python modules needed to build and run here
+    kind: ClassVar[str]  # mlopt.runtime.engines.ENGINES key
     gpu: ClassVar[str]
     formats: ClassVar[dict[str, str]]  # by how it is compiled: here / on-device
     library: ClassVar[dict[str, Any]]  # the library the plan needs on the device (the entry checks "majors")
@@ -102,7 +127,7 @@ class EngineBackend(Backend):
 
     def missing_here(self, sku: SKU) -> str:
         """Why the engine cannot be built here for ``sku`` (empty when it can)."""
-        absent = [m for m in self.modules if not library_present(m)]
+        absent = [m for m in self.spec.run_modules if not library_present(m)]
         if absent:
             return f"{', '.join(absent)} not installed here"
         device = local_device(self.kind)
@@ -117,7 +142,7 @@ class EngineBackend(Backend):
         files = copy_model(req.model.onnx_path, out)
         plan = self.plan(req, files, has_qdq(req.model.onnx_path))
         (out / entry.PLAN_FILE).write_text(json.dumps(plan, indent=2))
-        shutil.copyfile(entry.__file__, out / ENTRY_FILE)
+        ship_loader(out, ENTRY_FILE)
         # device_present is set from availability(): "here" only with the library and a matching GPU
         compiled = "here" if req.device_present else "on-device"
         if compiled == "here":
@@ -169,17 +194,18 @@ class EngineBackend(Backend):
 
     # ------------------------------------------------------------ run
     def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
+        """The runtime loader, with this machine's engine cache (not the serving containers' volume)."""
         try:
-            return entry.open_runner(artifact, engine_cache())
+            return entry.load(artifact, {**meta, "engine_cache": str(engine_cache())}, threads)
         except entry.EngineError as e:
             raise BackendUnavailable(f"{self.name}: {e}") from None
 
 
 class TensorRTBackend(EngineBackend):
     name = "tensorrt"
+    spec = TENSORRT
     vendor = "nvidia"
     kind = "tensorrt"
-    modules = ("tensorrt", "cuda")  # cuda: cuda-python, for device memory when running
     gpu = "NVIDIA GPU"
     formats: ClassVar[dict[str, str]] = {"here": "tensorrt-plan", "on-device": "tensorrt-plan-jit"}
     library: ClassVar[dict[str, Any]] = {
@@ -200,13 +226,13 @@ class TensorRTBackend(EngineBackend):
 
 class MIGraphXBackend(EngineBackend):
     name = "migraphx"
+    spec = MIGRAPHX
     vendor = "amd"
     kind = "migraphx"
-    modules = ("migraphx",)
     gpu = "AMD GPU"
     formats: ClassVar[dict[str, str]] = {"here": "migraphx-program", "on-device": "migraphx-jit"}
     library: ClassVar[dict[str, Any]] = {"package": "migraphx", "requires": "MIGraphX from ROCm", "majors": [],
                                          "note": "comes with ROCm (apt-get install migraphx), not from PyPI"}
 
     def toolchain(self) -> dict[str, str]:
-        return {"migraphx": entry.rocm_version() if library_present("migraphx") else "absent"}
+        return {"migraphx": rocm_version() if library_present("migraphx") else "absent"}

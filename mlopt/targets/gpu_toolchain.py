@@ -151,19 +151,15 @@ def _stub_path() -> Path:
 
 
 def _load_tvm_cuda_plugin() -> None:
-    """Load ``libtvm_runtime_cuda`` if ``import tvm`` could not (it had no libcuda then)."""
-    import tvm
-    from tvm.base import _LOADED_LIBS
-    from tvm_ffi.libinfo import load_lib_ctypes
+    """Load ``libtvm_runtime_cuda`` if ``import tvm`` could not (it had no libcuda then): the
+    runtime loader's own plugin loading."""
+    from mlopt.runtime import Unavailable
+    from mlopt.runtime.tvm import load_cuda_plugin
 
-    if "tvm_runtime_cuda" in _LOADED_LIBS:
-        return
-    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
     try:
-        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
-                                                           extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
-    except (OSError, RuntimeError) as e:
-        raise BackendUnavailable(f"TVM {tvm.__version__}'s CUDA runtime plugin does not load: {e}") from None
+        load_cuda_plugin()
+    except Unavailable as e:
+        raise BackendUnavailable(str(e)) from None
 
 
 # ------------------------------------------------------------------ ROCm

@@ -16,37 +16,25 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from mlopt.core.errors import BackendUnavailable, UnsupportedOperator
+from mlopt.runtime import Unavailable
+from mlopt.runtime.openvino import CONFIG_FILE, output_ports
 from mlopt.targets.backends import (
     Availability,
     Backend,
+    BackendSpec,
     BuildRequest,
-    Runner,
+    TritonRuntime,
     package_version,
+    ship_loader,
 )
 from mlopt.targets.catalog import SKU
 
-CONFIG_FILE = "ov_config.json"
 MODEL_FILE = "model.xml"
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 GPU_REASON = "IR built here; runs on the Intel GPU with the OpenVINO GPU plugin (Level Zero/OpenCL runtime)"
 
-RUN_SCRIPT = '''"""Run this OpenVINO build with the OpenVINO runtime alone: python run_openvino.py inputs.npz outputs.npz"""
-import json, sys
-from pathlib import Path
-import numpy as np
-import openvino as ov
-
-here = Path(__file__).parent
-entry = json.loads((here / "ov_config.json").read_text())
-compiled = ov.Core().compile_model(str(here / entry["model"]), entry["device"], entry["config"])
-ports = {n: next(o for o in compiled.outputs if n in o.get_names()) for n in entry["outputs"]}
-feed = dict(np.load(sys.argv[1]))
-res = compiled.create_infer_request().infer({n: feed[n] for n in entry["inputs"]})
-np.savez(sys.argv[2], **{n: res[p] for n, p in ports.items()})
-'''
 
 
 def ov_device(sku: SKU) -> str | None:
@@ -77,8 +65,17 @@ def compile_config(device: str, precision: str, threads: int) -> dict[str, Any]:
     return config
 
 
+SPEC = BackendSpec(
+    name="openvino", loader="openvino", packages={"openvino": "openvino"},
+    triton=TritonRuntime("backend", "openvino", ("model.xml", "model.bin"), "model.xml",
+                         thread_parameters=("INFERENCE_NUM_THREADS",)),
+    doctor=("openvino",), serving=("openvino",),
+)
+
+
 class OpenVINOBackend(Backend):
     name = "openvino"
+    spec = SPEC
     # Largest differences from the reference measured on the examples (f32 hint, AVX-512 CPU):
     # digits 2.9e-6, EfficientNet-Lite0 7.6e-6, MiniLM 1.9e-7, so ONNX Runtime's tolerance holds.
     # Without the hint this CPU (AVX512-BF16) ran bf16: 0.08 (digits) and 0.1 (EfficientNet).
@@ -117,33 +114,13 @@ class OpenVINOBackend(Backend):
             "runtime": {"package": "openvino", "version": package_version("openvino")},
         }
         (out / CONFIG_FILE).write_text(json.dumps(entry, indent=2))
-        (out / "run_openvino.py").write_text(RUN_SCRIPT)
+        ship_loader(out, "run_openvino.py")
         details = {"device": device, "compress_to_fp16": fp16, "qdq_nodes": _qdq_nodes(req.model.onnx_path),
                    "input_shapes": {p.get_any_name(): str(p.get_partial_shape()) for p in model.inputs}}
         # OpenVINO's low-precision transformations run QDQ graphs with int8 kernels
         shown = f"int8+{precision}" if details["qdq_nodes"] else precision
         return {"precision": shown, "entry": MODEL_FILE, "config": CONFIG_FILE, "format": "openvino-ir",
                 "details": details}
-
-    # ------------------------------------------------------------ run
-    def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
-        import openvino as ov
-
-        entry = json.loads((artifact / meta["config"]).read_text())
-        config = dict(entry["config"])
-        if "INFERENCE_NUM_THREADS" in config:
-            config["INFERENCE_NUM_THREADS"] = threads  # the same thread count the other backends get
-        compiled = ov.Core().compile_model(str(artifact / entry["model"]), entry["device"], config)
-        ports = _output_ports(compiled.outputs, entry["outputs"])
-        request = compiled.create_infer_request()
-        names = entry["inputs"]
-
-        def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            inputs = {n: np.ascontiguousarray(feed[n]) for n in names}
-            res = request.infer(inputs, share_inputs=True, share_outputs=False)  # outputs copied: buffers are reused
-            return {n: res[p] for n, p in ports.items()}
-
-        return run
 
     def toolchain(self) -> dict[str, str]:
         return {"openvino": package_version("openvino")}
@@ -196,15 +173,11 @@ def stable_names(model: Any, onnx_path: Path) -> None:
 
 
 def _output_ports(outputs: Any, names: list[str]) -> dict[str, Any]:
-    """ONNX output name -> OpenVINO output port, in the ONNX order."""
-    ports = {}
-    for name in names:
-        port = next((o for o in outputs if name in o.get_names()), None)
-        if port is None:
-            found = sorted(n for o in outputs for n in o.get_names())
-            raise BackendUnavailable(f"OpenVINO lost the ONNX output name {name!r} (outputs are {found})")
-        ports[name] = port
-    return ports
+    """ONNX output name -> OpenVINO output port, in the ONNX order (the runtime loader's own mapping)."""
+    try:
+        return output_ports(outputs, names)
+    except Unavailable as e:
+        raise BackendUnavailable(str(e)) from None
 
 
 def _qdq_nodes(onnx_path: Path) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from mlopt.core.model import onnx_files
 from mlopt.core.errors import BackendUnavailable
-from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
+from mlopt.targets.backends import Availability, Backend, BackendSpec, BuildRequest, TritonRuntime, package_version
 from mlopt.targets.catalog import SKU
 
 _ORT_NOISE = (re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : "), re.compile(r"Load model from \S+ failed:"),
@@ -87,8 +87,17 @@ def _precision(sku: SKU, model_precision: str) -> str:
     return "int8+float16" if model_precision == "int8" else "float16"
 
 
+SPEC = BackendSpec(
+    name="onnxruntime", loader="ort", packages={"onnxruntime": "onnxruntime"},
+    triton=TritonRuntime("platform", "onnxruntime_onnx", ("model.onnx",), "model.onnx",
+                         thread_parameters=("intra_op_thread_count",), parameters=(("inter_op_thread_count", "1"),)),
+    doctor=("onnxruntime",), serving=("onnxruntime",),
+)
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
+    spec = SPEC
     atol = 1e-4
     rtol = 1e-3
 
@@ -144,25 +153,6 @@ class OrtBackend(Backend):
         precision = _precision(req.sku, model_precision) if gpu else model_precision
         return {"precision": precision, "entry": "model.onnx", "session": SESSION_FILE, "format": "onnx",
                 "details": {"providers": [p if isinstance(p, str) else p[0] for p in session["providers"]]}}
-
-    def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
-        import onnxruntime as ort
-
-        settings = json.loads((artifact / meta["session"]).read_text())
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings["graph_optimization_level"])
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = settings["inter_op_num_threads"]
-        opts.execution_mode = getattr(ort.ExecutionMode, settings["execution_mode"])
-        opts.log_severity_level = 3
-        providers = [p if isinstance(p, str) else tuple(p) for p in settings["providers"]]
-        sess = ort.InferenceSession(str(artifact / meta["entry"]), opts, providers=providers)
-        names = [o.name for o in sess.get_outputs()]
-
-        def run(feed: dict[str, Any]) -> dict[str, Any]:
-            return dict(zip(names, sess.run(names, feed)))
-
-        return run
 
     def toolchain(self) -> dict[str, str]:
         return {"onnxruntime": package_version("onnxruntime")}

@@ -19,13 +19,20 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mlopt.core.model import FLOAT_PRECISIONS
 from mlopt.core.errors import BackendUnavailable, UnsupportedOperator
-from mlopt.runtime import isa
+from mlopt.runtime.tvm import ENTRY_FILE
 from mlopt.targets import gpu_toolchain
-from mlopt.targets.backends import Availability, Backend, BuildRequest, Runner, package_version
+from mlopt.targets.backends import (
+    Availability,
+    Backend,
+    BackendSpec,
+    BuildRequest,
+    Runner,
+    TritonRuntime,
+    package_version,
+    ship_loader,
+)
 from mlopt.targets.catalog import SKU
 from mlopt.targets.devcode import require_device_code
 
@@ -33,63 +40,15 @@ from mlopt.targets.devcode import require_device_code
 # half the cores on x86 and config_threadpool can only lower that. Set it before tvm is imported.
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
-ENTRY_FILE = "tvm_entry.json"
-ISA_FILE = "mlopt_isa.py"  # mlopt.runtime.isa, shipped beside run_tvm.py
+SPEC = BackendSpec(
+    name="tvm", loader="tvm", packages={"apache-tvm": "tvm", "apache-tvm-ffi": "tvm_ffi"},
+    build_packages=("nvidia-cuda-nvcc",),
+    triton=TritonRuntime("backend", "python", ("",)),  # every artifact file, beside model.py
+    doctor=("tvm",), serving=("apache-tvm",),
+)
 GPU_KINDS = {"cuda": "cuda", "rocm": "rocm"}  # TVM target kind -> runtime device
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 CROSS_LINKERS = {"aarch64": ["aarch64-linux-gnu-gcc", "ld.lld", "ld.lld-22", "ld.lld-19", "ld.lld-18", "ld.lld-17"]}
-
-RUN_SCRIPT = '''"""Run this TVM build with the TVM runtime alone (TVM_USE_RUNTIME_LIB=1 works):
-    python run_tvm.py inputs.npz outputs.npz
-    python run_tvm.py --load-only      # load the library and its device code, run nothing
-"""
-import json, sys
-from pathlib import Path
-
-here = Path(__file__).resolve().parent
-entry = json.loads((here / "tvm_entry.json").read_text())
-sys.path.insert(0, str(here))
-import mlopt_isa  # noqa: E402  (beside this file: which CPU flags this machine has)
-
-refused = mlopt_isa.refusal(entry.get("requires"), f"build {here.name} ({entry['target'].get('mcpu') or entry['target'].get('kind')})")
-if refused:  # never load code this CPU cannot run: it would die of SIGILL
-    print(f"run_tvm.py: {refused}", file=sys.stderr)
-    sys.exit(mlopt_isa.EXIT_CODE)
-
-import numpy as np  # noqa: E402
-import tvm  # noqa: E402
-from tvm.runtime.vm import VirtualMachine  # noqa: E402
-
-
-def load_device_plugin(kind):
-    """The runtime-only mode skips TVM's device plugins; CUDA code needs libtvm_runtime_cuda."""
-    from tvm.base import _LOADED_LIBS
-    if kind != "cuda" or "tvm_runtime_cuda" in _LOADED_LIBS:
-        return
-    from tvm_ffi.libinfo import load_lib_ctypes
-    lib_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
-    _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
-                                                       extra_lib_paths=[lib_dir], mode="RTLD_LOCAL")
-
-
-load_device_plugin(entry.get("device", "cpu"))
-if sys.argv[1:] == ["--load-only"]:
-    for lib in {entry["library"], *entry["tuned"].values()}:
-        tvm.runtime.load_module(str(here / lib))
-    print("loaded", entry["library"], "for", entry["target"])
-    sys.exit(0)
-feed = dict(np.load(sys.argv[1]))
-batch = feed[entry["inputs"][0]].shape[0]
-lib_file = entry["tuned"].get(str(batch), entry["library"])
-dev = tvm.device(entry.get("device", "cpu"), 0)
-if not dev.exist:
-    sys.exit(f"this build needs a {entry.get('device')} device ({entry['target']}); none is visible")
-vm = VirtualMachine(tvm.runtime.load_module(str(here / lib_file)), dev)
-out = vm[entry["function"]](*[tvm.runtime.tensor(feed[n], dev) for n in entry["inputs"]])
-outs = [out] if hasattr(out, "numpy") else list(out)
-np.savez(sys.argv[2], **{n: o.numpy() for n, o in zip(entry["outputs"], outs)})
-'''
-
 
 def elf_machine(path: Path) -> int:
     """e_machine of an ELF file (62 x86-64, 183 aarch64)."""
@@ -108,6 +67,7 @@ def _cross_linker(machine: str) -> str | None:
 
 class TVMBackend(Backend):
     name = "tvm"
+    spec = SPEC
     atol = 1e-4
     rtol = 1e-3
 
@@ -158,8 +118,7 @@ class TVMBackend(Backend):
                         "note": "needs only the TVM runtime library (TVM_USE_RUNTIME_LIB=1)"},
         }
         (out / ENTRY_FILE).write_text(json.dumps(entry, indent=2))
-        (out / "run_tvm.py").write_text(RUN_SCRIPT)
-        shutil.copyfile(isa.__file__, out / ISA_FILE)
+        ship_loader(out, "run_tvm.py")
         # TVM's ONNX frontend lowers QDQ to float quantize/dequantize arithmetic: no int8 kernels
         precision = req.model.precision
         if precision not in FLOAT_PRECISIONS:
@@ -194,29 +153,12 @@ class TVMBackend(Backend):
 
     # ------------------------------------------------------------ run
     def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
-
+        """The runtime loader, after this machine's libcuda (the driver's, else the stand-in) and
+        libcudart are loaded for a CUDA build."""
         entry = json.loads((artifact / meta["entry"]).read_text())
-        tvm.get_global_func("runtime.config_threadpool")(1, threads)
         if entry.get("device") == "cuda":
             gpu_toolchain.load_cuda_runtime()
-        dev = tvm.device(entry.get("device", "cpu"), 0)
-
-        def vm_for(lib_file: str) -> Any:
-            return VirtualMachine(tvm.runtime.load_module(str(artifact / lib_file)), dev)
-
-        default = vm_for(entry["library"])
-        tuned = {int(b): vm_for(f) for b, f in entry["tuned"].items()}
-        names, fn = entry["inputs"], entry["function"]
-
-        def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            vm = tuned.get(len(feed[names[0]]), default)
-            res = vm[fn](*[tvm.runtime.tensor(feed[n], dev) for n in names])
-            outs = [res] if hasattr(res, "numpy") else list(res)
-            return {n: o.numpy() for n, o in zip(entry["outputs"], outs)}
-
-        return run
+        return super().open(artifact, meta, threads)
 
     def requires(self, sku: SKU) -> dict[str, Any]:
         """Machine code for the SKU's ``mcpu``: it needs every CPU flag the SKU lists."""
