@@ -97,6 +97,64 @@ def test_cuda_build_loads_with_the_tvm_runtime_alone(tmp_path: Path) -> None:
     assert "compiler mapped: False" in res.stdout  # the compiler library (hundreds of MB) stays out of images
 
 
+def _check_in_image(tmp: Path, sku: str, preload: str | None = None) -> subprocess.CompletedProcess:
+    """``entry.py --check`` on the SKU's TVM build, laid out as in an image: entry.py and the shipped
+    mlopt_runtime package, serve.json as mlopt writes it, and no mlopt importable (a poisoned one)."""
+    from mlopt import runtime
+    from mlopt.manifest import read_manifest
+    from mlopt.package import entry
+    from mlopt.package.serving import ServingOptions, deployables, serve_spec
+    from mlopt.store import Store
+    from mlopt.targets.catalog import load_catalog
+
+    [d], _ = deployables(read_manifest(tmp / "out" / "manifest.json"), Store(tmp / "store"), load_catalog(), (sku,))
+    image = tmp / "image"
+    (image / "poison" / "mlopt").mkdir(parents=True, exist_ok=True)
+    (image / "poison" / "mlopt" / "__init__.py").write_text('raise ImportError("images have no mlopt")\n')
+    (image / "entry.py").write_bytes(Path(entry.__file__).read_bytes())
+    runtime.ship(image)
+    (image / "serve.json").write_text(json.dumps(serve_spec(d, ServingOptions())))
+    env = {"PATH": os.path.dirname(sys.executable), "PYTHONPATH": str(image / "poison"),
+           **({"LD_PRELOAD": preload} if preload else {})}
+    return subprocess.run([sys.executable, str(image / "entry.py"), "--serving", str(image / "serve.json"),
+                           "--model-dir", str(d.artifact.path), "--check"], capture_output=True, text=True, env=env,
+                          cwd=tmp, timeout=300)
+
+
+@needs_nvcc
+def test_cuda_build_in_the_image_entry_asks_for_the_gpu_and_exits_4(tmp_path: Path) -> None:
+    """The image entry runs a TVM CUDA build on the CUDA device its metadata names, never on the CPU:
+    without the driver its CUDA plugin does not load; with a driver and no GPU (the libcuda stand-in)
+    it finds no CUDA device. Either way one line says why, exit 4, and nothing runs."""
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has an NVIDIA driver: the test is of a machine without a GPU")
+    code, output, _ = compile_for(tmp_path, ["a10g"], ["tvm"])
+    assert code == 0, output
+    no_driver = _check_in_image(tmp_path, "a10g")
+    assert no_driver.returncode == 4, no_driver.stderr[-2000:]
+    assert no_driver.stdout == "" and len(no_driver.stderr.strip().splitlines()) == 1
+    assert "CUDA runtime plugin does not load" in no_driver.stderr and "NVIDIA driver" in no_driver.stderr
+    no_gpu = _check_in_image(tmp_path, "a10g", preload=str(gpu_toolchain._stub_path()))
+    assert no_gpu.returncode == 4, no_gpu.stderr[-2000:]
+    assert no_gpu.stdout == "" and "Traceback" not in no_gpu.stderr
+    assert no_gpu.stderr.strip() == ("entry: loading conv failed: Unavailable: this build needs a cuda device "
+                                     "({'kind': 'cuda', 'arch': 'sm_86'}); none is visible")
+
+
+@needs_rocm
+def test_rocm_build_in_the_image_entry_asks_for_the_gpu_and_exits_4(tmp_path: Path) -> None:
+    if Path("/dev/kfd").exists():
+        pytest.skip("this machine has an AMD GPU driver: the test is of a machine without a GPU")
+    code, output, _ = compile_for(tmp_path, ["mi300x"], ["tvm"])
+    assert code == 0, output
+    res = _check_in_image(tmp_path, "mi300x")
+    assert res.returncode == 4 and res.stdout == "", res.stderr[-2000:]
+    assert res.stderr.strip() == ("entry: loading conv failed: Unavailable: this build needs a rocm device "
+                                  "({'kind': 'rocm', 'mcpu': 'gfx942'}); none is visible")
+
+
 @needs_rocm
 def test_rocm_builds_hold_amdgpu_code_objects_for_each_gfx_target(tmp_path: Path) -> None:
     code, output, m = compile_for(tmp_path, ["mi300x", "mi210"], ["tvm"])

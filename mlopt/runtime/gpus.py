@@ -44,7 +44,7 @@ def _nvml_device() -> Device | None:
             return None
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
         major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-        return Device(_text(pynvml.nvmlDeviceGetName(handle)), f"sm_{major}{minor}",
+        return Device(_text(pynvml.nvmlDeviceGetName(handle)), sm_arch(major, minor),
                       _text(pynvml.nvmlSystemGetDriverVersion()))
     except pynvml.NVMLError:
         return None
@@ -62,7 +62,8 @@ def _smi_device() -> Device | None:
         name, cap, driver = (s.strip() for s in out.strip().splitlines()[0].rsplit(",", 2))
     except (OSError, subprocess.SubprocessError, IndexError, ValueError):
         return None
-    return Device(name, "sm_" + cap.replace(".", ""), driver)
+    arch = sm_from_capability(cap)
+    return Device(name, arch, driver) if arch else None
 
 
 def amd_device(nodes: Path | None = None) -> Device | None:
@@ -79,8 +80,20 @@ def amd_device(nodes: Path | None = None) -> Device | None:
 
 
 def gfx_arch(version: int) -> str:
-    """kfd's gfx_target_version (major*10000 + minor*100 + stepping) as LLVM names it: 90402 -> gfx942."""
+    """kfd's gfx_target_version (major*10000 + minor*100 + stepping) as LLVM names it: 90402 -> gfx942,
+    90010 -> gfx90a, 110501 -> gfx1151."""
     return f"gfx{version // 10000}{version // 100 % 100:x}{version % 100:x}"
+
+
+def sm_arch(major: int | str, minor: int | str) -> str:
+    """A CUDA compute capability as its architecture name: (9, 0) -> sm_90."""
+    return f"sm_{major}{minor}"
+
+
+def sm_from_capability(cap: str) -> str | None:
+    """``nvidia-smi``'s compute_cap text as an architecture name: "9.0" -> sm_90 (None if not N.N)."""
+    major, dot, minor = cap.strip().partition(".")
+    return sm_arch(major, minor) if dot and major.isdigit() and minor.isdigit() else None
 
 
 def _kfd_properties(path: Path) -> dict[str, int]:

@@ -95,8 +95,10 @@ def load(folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> R
     names, fn = entry["inputs"], entry["function"]
 
     def run(feed: dict[str, Any]) -> dict[str, Any]:
-        machine = vms.get(len(feed[names[0]]), vms[None])
-        res = machine[fn](*[tvm.runtime.tensor(np.ascontiguousarray(feed[n]), dev) for n in names])
+        first = feed[names[0]]
+        machine = vms.get(len(first), vms[None]) if len(vms) > 1 and np.ndim(first) else vms[None]
+        # C order, as TVM tensors need; np.require keeps 0-d inputs 0-d (ascontiguousarray would not)
+        res = machine[fn](*[tvm.runtime.tensor(np.require(feed[n], requirements="C"), dev) for n in names])
         outs = [res] if hasattr(res, "numpy") else list(res)
         return {n: o.numpy() for n, o in zip(entry["outputs"], outs)}
 

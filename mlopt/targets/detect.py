@@ -23,6 +23,7 @@ from typing import Any
 
 from mlopt.core.errors import UnknownName
 from mlopt.runtime import isa
+from mlopt.runtime.gpus import gfx_arch, sm_arch, sm_from_capability
 from mlopt.targets.catalog import SKU, Catalog
 from mlopt.core.util import package_version
 
@@ -242,10 +243,7 @@ def version_at_least(found: str | None, need: str) -> bool | None:
     return have + (0,) * (width - len(have)) >= want + (0,) * (width - len(want))
 
 
-def gfx_name(gfx_target_version: int) -> str:
-    """KFD's packed ISA number to an LLVM target: 90402 -> gfx942, 90010 -> gfx90a, 110501 -> gfx1151."""
-    major, minor, step = gfx_target_version // 10000, gfx_target_version // 100 % 100, gfx_target_version % 100
-    return f"gfx{major}{minor:x}{step:x}"
+gfx_name = gfx_arch  # KFD's packed ISA number to an LLVM target (the runtime's one detector)
 
 
 # ------------------------------------------------------------------ GPUs
@@ -305,7 +303,7 @@ def nvidia_smi_gpus(env: Env) -> list[GPU]:
             continue
         name, driver, memory, cap, pci = cells
         combined = int(pci, 16) if re.fullmatch(r"0[xX][0-9a-fA-F]+", pci) else None  # 0x233010DE: device, vendor
-        found.append(GPU("nvidia", name, f"sm_{cap.replace('.', '')}" if re.fullmatch(r"\d+\.\d+", cap) else None,
+        found.append(GPU("nvidia", name, sm_from_capability(cap),
                          driver, _mib(memory), _pci(combined & 0xFFFF, combined >> 16) if combined else None,
                          "nvidia-smi"))
     return found
@@ -323,7 +321,7 @@ def nvml_gpus(env: Env) -> list[GPU]:
             h = nv.nvmlDeviceGetHandleByIndex(i)
             major, minor = nv.nvmlDeviceGetCudaComputeCapability(h)
             combined = nv.nvmlDeviceGetPciInfo(h).pciDeviceId
-            found.append(GPU("nvidia", str(nv.nvmlDeviceGetName(h)), f"sm_{major}{minor}", driver,
+            found.append(GPU("nvidia", str(nv.nvmlDeviceGetName(h)), sm_arch(major, minor), driver,
                              nv.nvmlDeviceGetMemoryInfo(h).total // 2**20,
                              _pci(combined & 0xFFFF, combined >> 16), "nvml"))
         return found
