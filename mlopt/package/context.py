@@ -12,35 +12,37 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from mlopt.package.oci import FileEntry
 from mlopt.core.refs import LayoutRef, parse_base
-from mlopt.package.serving import ENTRY_PATH, IMAGE_ROOT, MODEL_DIR, RUNTIME_PATH, SERVING_DIR, Deployable
 from mlopt.core.util import inside
+from mlopt.package.base import BaseImage
+from mlopt.package.contents import SITE_PACKAGES, artifact_files, serving_files
+from mlopt.package.oci import FileEntry
+from mlopt.package.serving import (
+    ENTRY_PATH,
+    IMAGE_ROOT,
+    MODEL_DIR,
+    RUNTIME_PATH,
+    SERVING_DIR,
+    Deployable,
+    ServingOptions,
+)
 
-if TYPE_CHECKING:
-    from mlopt.package.base import BaseImage
-    from mlopt.package.image import ImageOptions
 
-
-def write_context(d: Deployable, base: "BaseImage", folder: Path, options: "ImageOptions",
+def write_context(d: Deployable, base: BaseImage, folder: Path, serving: ServingOptions, runtime: Path | None,
                   labels: dict[str, str]) -> Path:
-    """Write the build context of one image into ``folder`` (replacing what was there)."""
-    from mlopt.package.image import SITE_PACKAGES, artifact_files, serving_files
-
+    """Write the build context of one image into ``folder`` (replacing what was there); ``runtime``: the
+    image's runtime folder (Python packages), if it has one."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for f in artifact_files(d):
         _place(f, inside(folder, "model", f.path[len(MODEL_DIR) + 1:]))
-    for f in serving_files(d, options.serving):
+    for f in serving_files(d, serving):
         rel = "entry.py" if f.path == ENTRY_PATH else f.path[len(IMAGE_ROOT) + 1:]  # serving/..., mlopt_runtime/...
         _place(f, inside(folder, rel))
-    runtime = options.runtime_dirs.get(d.sku.name) or options.runtime_dir
     if runtime:
         shutil.copytree(runtime, folder / "runtime", symlinks=True)
-    (folder / "Dockerfile").write_text(dockerfile(base, labels, options.serving.port,
+    (folder / "Dockerfile").write_text(dockerfile(base, labels, serving.port,
                                                   SITE_PACKAGES if runtime else None, runtime_notes(d)))
     return folder
 
@@ -86,7 +88,7 @@ def _place(f: FileEntry, dest: Path) -> None:
             dest.chmod(0o755)
 
 
-def base_from(base: "BaseImage") -> str:
+def base_from(base: BaseImage) -> str:
     """The FROM line's image: a registry base pinned by digest; a layout base as buildah names it."""
     ref = parse_base(base.name)
     if isinstance(ref, LayoutRef):
@@ -94,7 +96,7 @@ def base_from(base: "BaseImage") -> str:
     return f"{ref.name}@{base.digest}"
 
 
-def dockerfile(base: "BaseImage", labels: dict[str, str], port: int, site_packages: str | None,
+def dockerfile(base: BaseImage, labels: dict[str, str], port: int, site_packages: str | None,
                notes: list[str] | None = None) -> str:
     """The Dockerfile of the image: same files, environment, entry point and labels."""
     serve = f"{SERVING_DIR}/serve.json"

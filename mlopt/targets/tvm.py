@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlopt.core.model import FLOAT_PRECISIONS
-from mlopt.core.errors import BackendUnavailable, UnsupportedOperator
+from mlopt.core.errors import BackendUnavailable
 from mlopt.runtime.tvm import ENTRY_FILE
 from mlopt.targets import gpu_toolchain
 from mlopt.targets.backends import (
@@ -35,6 +35,7 @@ from mlopt.targets.backends import (
 )
 from mlopt.targets.catalog import SKU
 from mlopt.targets.devcode import require_device_code
+from mlopt.targets.tvm_onnx import check_ops, import_onnx
 
 # TVM sizes its thread pool once, from TVM_NUM_THREADS, when the runtime starts: without it, it uses
 # half the cores on x86 and config_threadpool can only lower that. Set it before tvm is imported.
@@ -92,7 +93,7 @@ class TVMBackend(Backend):
         import onnx
 
         proto = onnx.load(str(req.model.onnx_path))
-        _check_ops(proto)
+        check_ops(proto)
         target_dict = dict(req.sku.tvm_target or {})
         kind = target_dict.get("kind", "llvm")
         library = "model.so"
@@ -202,26 +203,6 @@ def _gpu_schedules(mod: Any, target: Any) -> Any:
 def _device_code(library: Path, arch: str) -> list[dict[str, Any]]:
     codes = require_device_code(library, arch)
     return [{"kind": c.kind, "arch": c.arch, "bytes": c.bytes} for c in codes]
-
-
-def _check_ops(proto: Any) -> None:
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
-
-    known = _get_convert_map()
-    missing = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type not in known})
-    foreign = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
-    if missing or foreign:
-        raise UnsupportedOperator(
-            f"TVM {package_version('apache-tvm')}'s ONNX frontend cannot lower {', '.join(missing + foreign)}",
-            hint="use the onnxruntime backend for this model, or replace the operator in the model",
-        )
-
-
-def import_onnx(proto: Any, shapes: dict[str, list[int]] | None, from_onnx: Any) -> Any:
-    try:
-        return from_onnx(proto, shape_dict=shapes, keep_params_in_input=False)
-    except Exception as e:  # the frontend raises many types; name the failure, keep the message
-        raise UnsupportedOperator(f"TVM's ONNX frontend failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
 
 
 def _linker(machine: str) -> dict[str, Any]:

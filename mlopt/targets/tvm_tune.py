@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 from mlopt.core.errors import BackendUnavailable
 from mlopt.core.files import flock, key_of
 from mlopt.targets.backends import BuildRequest
-from mlopt.targets.tvm import import_onnx
+from mlopt.targets.tvm_onnx import import_onnx
 from mlopt.core.util import stdout_to_stderr
 
 FAILED_RUN = 1e9  # MetaSchedule stores failed trials with run_secs = 1e10
