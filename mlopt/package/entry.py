@@ -54,7 +54,7 @@ def load_runner(spec: dict[str, Any], model_dir: Path | None = None) -> Runner:
     """The callable that runs the build named by a serve.json ``spec``: feed dict in, output dict out.
     The device (CPU, CUDA, ROCm) is the build's own; a missing one is ``runtime.Unavailable`` (exit 4)."""
     isa.require(spec.get("requires"), f"build of {spec.get('model')} v{spec.get('version')} for {spec.get('sku')}")
-    return runtime.load(spec["backend"], Path(model_dir or spec["model_dir"]), spec, spec.get("threads"))
+    return runtime.load(spec["loader"], Path(model_dir or spec["model_dir"]), spec, spec.get("threads"))
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -165,6 +165,7 @@ def serve_spec(d: Deployable, options: ServingOptions) -> dict[str, Any]:
     """The ``serve.json`` the in-image entry point reads."""
     return {
         "model": d.model.name, "version": d.entry.version, "sku": d.sku.name, "backend": d.backend,
+        "loader": backend_spec(d.backend).loader,  # the mlopt_runtime module entry.py runs the build with
         "precision": d.entry.precision, "model_dir": MODEL_DIR, "entry": d.artifact.meta.get("entry"),
         "inputs": [i.model_dump(mode="json") for i in d.model.inputs], "outputs": list(d.model.outputs),
         "threads": d.threads, "providers": list(d.sku.onnxruntime_providers), "openvino_device": d.sku.openvino_device,

@@ -7,7 +7,8 @@ folders and artifacts that run without mlopt ship this package as is, under the 
 ``mlopt_runtime`` (``ship``); that is why its modules import each other relatively and import
 nothing else from mlopt.
 
-A loader module defines ``load(folder, meta, threads=None) -> Runner``: ``folder`` holds the
+A loader module (named by its backend's ``BackendSpec.loader``, and in an image's ``serve.json``)
+defines ``load(folder, meta, threads=None) -> Runner``: ``folder`` holds the
 build's files, ``meta`` is its metadata (``artifact.json``'s, or an image's ``serve.json``), and the
 device it runs on (CPU, CUDA, ROCm) comes from the build's own files, never from a literal.
 """
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 SHIPPED_NAME = "mlopt_runtime"  # the package's name where it ships without mlopt
 EXIT_UNAVAILABLE = 4  # mlopt's exit code for "toolchain or device unavailable"
-LOADERS = {"onnxruntime": "ort", "tvm": "tvm", "openvino": "openvino", "tensorrt": "engines", "migraphx": "engines"}
 
 Runner = Callable[[dict[str, "np.ndarray"]], dict[str, "np.ndarray"]]
 
@@ -38,16 +38,20 @@ class Unavailable(RuntimeError):
 
 
 def loader(name: str) -> Any:
-    """The loader module ``name`` of this package (``ort``, ``tvm`` ...), imported now."""
-    return importlib.import_module(f"{__name__}.{name}")
+    """The loader module ``name`` of this package (a backend's ``BackendSpec.loader``: ``ort``,
+    ``tvm`` ...), imported now."""
+    modules = sorted(p.stem for p in sources() if p.stem != "__init__")
+    module = importlib.import_module(f"{__name__}.{name}") if name in modules else None
+    if not callable(getattr(module, "load", None)):
+        raise Unavailable(f"no runtime loader {name!r} here; this mlopt_runtime has {', '.join(modules)}")
+    return module
 
 
-def load(backend: str, folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> Runner:
-    """A runner for the build of ``backend`` in ``folder`` (its CPU needs checked before anything loads)."""
-    if backend not in LOADERS:
-        raise Unavailable(f"backend {backend!r} has no loader here; known: {', '.join(sorted(LOADERS))}")
-    isa.require(meta.get("requires"), f"build {folder.name} ({meta.get('sku', '?')}/{backend})")
-    return loader(LOADERS[backend]).load(Path(folder), meta, threads)
+def load(name: str, folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> Runner:
+    """A runner for the build in ``folder`` from loader ``name`` (its CPU needs checked before
+    anything loads)."""
+    isa.require(meta.get("requires"), f"build {Path(folder).name} ({meta.get('sku', '?')}/{name})")
+    return loader(name).load(Path(folder), meta, threads)
 
 
 def sources() -> list[Path]:
@@ -59,8 +63,10 @@ def sources() -> list[Path]:
 def ship(dest: Path) -> Path:
     """Copy this package into ``dest/mlopt_runtime`` (replacing what was there); returns that folder."""
     target = dest / SHIPPED_NAME
-    if target.exists() or target.is_symlink():
-        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
     target.mkdir(parents=True)
     for src in sources():
         shutil.copyfile(src, target / src.name)
