@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 here = Path(__file__).resolve().parent
+sys.dont_write_bytecode = True  # a build folder (a store object, an image layer) is never written to
 sys.path.insert(0, str(here))
 from mlopt_runtime import engines  # noqa: E402
 
