@@ -32,7 +32,11 @@ demo: $(STAMP)
 	$(BIN)/mlopt compile examples/digits/recipe.yaml
 	$(BIN)/mlopt manifest show out/digits/manifest.json
 
+# the layers only point down and no files import each other in a cycle (pyproject.toml's import-linter
+# contract); no unused or undefined names; then the suite
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check --select F --quiet mlopt tests bench
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import collections
 import json
 import re
@@ -17,7 +18,7 @@ from conftest import ARM, HOST, tiny_onnx
 from mlopt.cli import app
 from mlopt.store import Store
 from mlopt.targets.catalog import load_catalog
-from mlopt.targets.tvm import elf_machine
+from mlopt.targets.tvm_lower import elf_machine
 
 runner = CliRunner()
 
@@ -131,8 +132,12 @@ class _MloptTVM:
         return Backend
 
 
-def test_onnx_backend_node_tests_pass_rate(capsys: pytest.CaptureFixture) -> None:
+def test_onnx_backend_node_tests_pass_rate(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     import onnx.backend.test
+
+    # the same lowering (tvm_lower.compile_module), in this process: a fresh interpreter per one-node
+    # model would add about 2 s to each of ~150 builds
+    monkeypatch.setattr("mlopt.targets.tvm.ISOLATE_CPU_BUILDS", False)
 
     bt = onnx.backend.test.BackendTest(_MloptTVM.make(), __name__)
     bt.include(rf"^test_({OPS})(_.*)?_cpu$")
@@ -167,3 +172,30 @@ def test_onnx_backend_node_tests_pass_rate(capsys: pytest.CaptureFixture) -> Non
     for op in ("add", "relu", "conv", "matmul", "gemm", "softmax", "sigmoid", "tanh", "transpose", "concat"):
         assert by_op[op]["pass"] == sum(by_op[op].values()) > 0, f"{op}: {by_op[op]}"
     assert rate >= 0.85  # measured 2026-11: see the printed line; Reshape with a runtime shape input fails
+
+
+def test_an_untuned_cpu_build_compiles_in_a_fresh_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its bytes must not depend on what this process did before (reproducible builds): the compile
+    runs in a child with a fixed hash seed, and its errors come back as they were raised there."""
+    from mlopt.core.errors import UnsupportedOperator
+    from mlopt.targets import tvm_isolated
+
+    calls: list[list[str]] = []
+    real = tvm_isolated.subprocess.run
+
+    def spy(argv, **kw):
+        calls.append(argv)
+        assert kw["env"]["PYTHONHASHSEED"] == "0"
+        return real(argv, **kw)
+
+    monkeypatch.setattr(tvm_isolated.subprocess, "run", spy)
+    model = tiny_onnx(tmp_path / "m.onnx")
+    target = {"kind": "llvm"}
+    tvm_isolated.compile_isolated(model, target, tmp_path / "a.so", os.uname().machine)
+    tvm_isolated.compile_isolated(model, target, tmp_path / "b.so", os.uname().machine)
+    assert len(calls) == 2 and calls[0][1:3] == ["-m", "mlopt.targets.tvm_isolated"]
+    assert (tmp_path / "a.so").read_bytes() == (tmp_path / "b.so").read_bytes()
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(Exception) as e:
+        tvm_isolated.compile_isolated(tmp_path / "bad.onnx", target, tmp_path / "c.so", os.uname().machine)
+    assert not isinstance(e.value, UnsupportedOperator) and "DecodeError" in type(e.value).__name__ + str(e.value)

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from mlopt.core.model import FLOAT_PRECISIONS
-from mlopt.core.errors import BackendUnavailable
 from mlopt.runtime.tvm import ENTRY_FILE
 from mlopt.targets import gpu_toolchain
 from mlopt.targets.backends import (
@@ -35,7 +32,8 @@ from mlopt.targets.backends import (
 )
 from mlopt.targets.catalog import SKU
 from mlopt.targets.devcode import require_device_code
-from mlopt.targets.tvm_onnx import check_ops, import_onnx
+from mlopt.targets.tvm_lower import GPU_KINDS, _cross_linker, compile_module
+from mlopt.targets.tvm_onnx import check_ops
 
 # TVM sizes its thread pool once, from TVM_NUM_THREADS, when the runtime starts: without it, it uses
 # half the cores on x86 and config_threadpool can only lower that. Set it before tvm is imported.
@@ -47,23 +45,9 @@ SPEC = BackendSpec(
     triton=TritonRuntime("backend", "python", ("",)),  # every artifact file, beside model.py
     doctor=("tvm",), serving=("apache-tvm",),
 )
-GPU_KINDS = {"cuda": "cuda", "rocm": "rocm"}  # TVM target kind -> runtime device
-ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
-CROSS_LINKERS = {"aarch64": ["aarch64-linux-gnu-gcc", "ld.lld", "ld.lld-22", "ld.lld-19", "ld.lld-18", "ld.lld-17"]}
-
-def elf_machine(path: Path) -> int:
-    """e_machine of an ELF file (62 x86-64, 183 aarch64)."""
-    head = path.read_bytes()[:20]
-    if head[:4] != b"\x7fELF":
-        raise BackendUnavailable(f"{path.name} is not an ELF shared library")
-    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
-
-
-def _cross_linker(machine: str) -> str | None:
-    for tool in CROSS_LINKERS.get(machine, []):
-        if shutil.which(tool):
-            return tool
-    return None
+# Untuned CPU builds compile in a fresh interpreter for reproducible bytes (``tvm_isolated``, about 2 s
+# each). Operator-coverage tests that lower hundreds of one-node models switch it off.
+ISOLATE_CPU_BUILDS = True
 
 
 class TVMBackend(Backend):
@@ -129,28 +113,13 @@ class TVMBackend(Backend):
 
     def _compile(self, proto: Any, shapes: dict[str, list[int]] | None, target_dict: dict[str, Any], dest: Path,
                  req: BuildRequest, database: Any = None) -> None:
-        import tvm
-        from tvm import relax
-        from tvm.relax.frontend.onnx import from_onnx
+        """The library of ``proto``. An untuned CPU build compiles in a fresh interpreter: TVM's bytes
+        depend on the process's history (see ``tvm_isolated``); GPU and tuned builds compile here."""
+        if ISOLATE_CPU_BUILDS and database is None and shapes is None and target_dict.get("kind", "llvm") not in GPU_KINDS:
+            from mlopt.targets.tvm_isolated import compile_isolated
 
-        mod = import_onnx(proto, shapes, from_onnx)
-        gpu = target_dict.get("kind") in GPU_KINDS
-        host = {"kind": "llvm", "mtriple": f"{req.sku.machine}-linux-gnu"}
-        target = tvm.target.Target(target_dict, host=host) if gpu else tvm.target.Target(target_dict)
-        with target:
-            mod = relax.get_pipeline("zero")(mod)  # legalize and fuse: the default pipeline does not fuse on CPU
-        if database is not None:
-            with target, database, tvm.transform.PassContext(opt_level=3):
-                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        if gpu:
-            mod = _gpu_schedules(mod, target)
-        quiet = gpu_toolchain.drop_native_warnings("Cannot get maximum number of threads for AMD codegen")
-        with target, quiet:  # the CUDA compile callback reads the architecture from the current target
-            ex = tvm.compile(mod, target=target)
-        ex.export_library(str(dest), **_linker(req.sku.machine))
-        got = elf_machine(dest)
-        if got != ELF_MACHINES[req.sku.machine]:
-            raise BackendUnavailable(f"TVM built {dest.name} for ELF machine {got}, not {req.sku.machine}")
+            return compile_isolated(req.model.onnx_path, target_dict, dest, req.sku.machine)
+        return compile_module(proto, shapes, target_dict, dest, req.sku.machine, database)
 
     # ------------------------------------------------------------ run
     def open(self, artifact: Path, meta: dict[str, Any], threads: int) -> Runner:
@@ -191,34 +160,8 @@ def _gpu_availability(sku: SKU, kind: str, host_runs_sku: bool) -> Availability:
     return Availability("cross", False, f"cross-compiled for {sku.arch} with {how}; {runs}")
 
 
-def _gpu_schedules(mod: Any, target: Any) -> Any:
-    """dlight's default GPU schedules: without thread bindings TVM would emit host code for kernels."""
-    from tvm.s_tir import dlight as dl
-
-    with target:
-        return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
-
-
 def _device_code(library: Path, arch: str) -> list[dict[str, Any]]:
     codes = require_device_code(library, arch)
     return [{"kind": c.kind, "arch": c.arch, "bytes": c.bytes} for c in codes]
 
 
-def _linker(machine: str) -> dict[str, Any]:
-    """export_library options: the host compiler natively, a cross linker for another machine."""
-    if os.uname().machine == machine:
-        return {}
-    tool = _cross_linker(machine)
-    if tool is None:
-        raise BackendUnavailable(f"no linker for {machine}", hint="apt-get install gcc-aarch64-linux-gnu")
-    if "gcc" in tool:
-        from tvm.support import cc
-
-        return {"fcompile": cc.cross_compiler(tool)}
-
-    def lld_shared(output: str, objects: list[str], options: Any = None) -> None:
-        subprocess.run([tool, "-shared", "-o", output, *objects], check=True)
-
-    lld_shared.output_format = "so"  # type: ignore[attr-defined]
-    return {"fcompile": lld_shared}

@@ -1,0 +1,90 @@
+"""TVM's CPU compile in a fresh interpreter, for reproducible bytes.
+
+The same model, target and TVM version gave different libraries from one process to the next (4
+digests in 5 aarch64 builds of the digits example): the slots TVM's VM gives symbolic shapes follow
+the iteration order of maps keyed by object addresses, and those addresses follow everything the
+process did before, down to Python's string-hash seed. A fresh interpreter with a fixed seed
+(``PYTHONHASHSEED=0``) that does nothing but this compile makes the bytes a function of the inputs.
+It also keeps a compiler crash from taking the build down with it. Costs about 2 s (TVM is imported
+without torch, which it only needs for its PyTorch frontend).
+
+Run as ``python -m mlopt.targets.tvm_isolated JOB.json``; the result is written to the job's
+``result`` file: ``{}``, or the error to raise in the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlopt.core import errors
+from mlopt.core.errors import BackendUnavailable, MloptError
+
+
+def compile_isolated(onnx_path: Path, target_dict: dict[str, Any], dest: Path, machine: str) -> None:
+    """``tvm_lower.compile_module`` of the ONNX file at ``onnx_path`` in a child interpreter; its errors are
+    raised here as they were there."""
+    with tempfile.TemporaryDirectory(prefix="mlopt-tvm-") as tmp:
+        job = Path(tmp) / "job.json"
+        result = Path(tmp) / "result.json"
+        job.write_text(json.dumps({"onnx": str(Path(onnx_path).resolve()), "target": target_dict,
+                                   "dest": str(Path(dest).resolve()), "machine": machine, "result": str(result)}))
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        proc = subprocess.run([sys.executable, "-m", "mlopt.targets.tvm_isolated", str(job)], env=env,
+                              capture_output=True, text=True)
+        if not result.is_file():
+            raise BackendUnavailable(f"TVM's compiler died ({_how(proc.returncode)}): {_tail(proc.stderr)}")
+        _reraise(json.loads(result.read_text()))
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"exit {code}"
+
+
+def _tail(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no message"
+
+
+def _reraise(outcome: dict[str, Any]) -> None:
+    """Raise the child's error: an MloptError as its own class; a compiler's own error under its name."""
+    if not outcome:
+        return
+    name, message, hint = outcome["error"], outcome["message"], outcome.get("hint")
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, MloptError):
+        try:
+            raise cls(message, hint=hint)
+        except TypeError:  # a subclass with its own constructor: keep the message
+            raise BackendUnavailable(message, hint=hint) from None
+    raise type(name, (RuntimeError,), {})(message)  # builds.py records "TVMError: ..." as before
+
+
+def main(job_file: str) -> None:
+    sys.modules["torch"] = None  # type: ignore[assignment]  # TVM's torch frontend is not used here
+    job = json.loads(Path(job_file).read_text())
+    outcome: dict[str, Any] = {}
+    try:
+        import onnx
+
+        from mlopt.targets.tvm_lower import compile_module
+
+        compile_module(onnx.load(job["onnx"]), None, job["target"], Path(job["dest"]), job["machine"])
+    except MloptError as e:
+        outcome = {"error": type(e).__name__, "message": e.message, "hint": e.hint}
+    except Exception as e:  # the compiler's own error: its type name and first line, as in the parent
+        text = str(e).splitlines()[0][:300] if str(e) else ""
+        outcome = {"error": type(e).__name__, "message": text}
+    Path(job["result"]).write_text(json.dumps(outcome))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
