@@ -88,8 +88,8 @@ def contenders(recipe_path: Path, store: Path, out: Path, with_compile: bool) ->
             if c.get("measurement"):
                 art = st.get(c["artifact"]["key"])
                 runs[f"mlopt {entry['sku']} {c['backend']}"] = get_backend(c["backend"]).load(art.path, art.meta, THREADS)
-    run = Run(recipe, st, lambda _: None)
-    run.inputs = tuple(ingest.read_onnx(onnx_file, [], "m").inputs) if not recipe.model.inputs else tuple(recipe.model.inputs)
+    inputs = tuple(ingest.read_onnx(onnx_file, [], "m").inputs) if not recipe.model.inputs else tuple(recipe.model.inputs)
+    run = Run(recipe, st, lambda _: None, inputs=inputs)
     acc = {"reference": manifest["models"][0]["reference_accuracy"],
            "builds": {f"mlopt {e['sku']} {c['backend']}": c["measurement"]["accuracy"]
                       for e in manifest["entries"] for c in e["candidates"] if c.get("measurement")},

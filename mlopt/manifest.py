@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from mlopt.core.artifact import Validation
 from mlopt.core.errors import BadInput, MloptError
 from mlopt.core.files import write_json
 from mlopt.core.spec import InputSpec, Record
@@ -71,14 +72,6 @@ class Measurement(Record):
     memory_method: str | None
     noisy: bool
     accuracy: Accuracy | None = Field(description="Absent when the recipe has no evaluation data.")
-
-
-class Validation(Record):
-    status: Literal["passed", "failed", "not-run"]
-    max_abs_diff: float | None = None
-    atol: float | None = None
-    rtol: float | None = None
-    reason: str = ""
 
 
 class ArtifactRef(Record):

@@ -30,10 +30,12 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mlopt.core import hostlock
+from mlopt.core.artifact import BuildInfo, BuildMeta, dump
 from mlopt.core.files import flock, fsync_dir, key_of, sha256_file, write_json
 from mlopt.core.errors import StoreError, UnknownName, disk_full
 
@@ -50,12 +52,17 @@ def default_store_path() -> Path:
 class Artifact:
     key: str
     path: Path
-    meta: dict[str, Any]
+    meta: dict[str, Any]  # artifact.json as stored (what runtimes and images read)
     damaged: str = ""  # why its artifact.json cannot be read ("" when it can)
 
     @property
     def short(self) -> str:
         return self.key[:12]
+
+    @cached_property
+    def build(self) -> BuildMeta:
+        """``meta`` typed: the compiler's view of the build (refused when it lacks a field)."""
+        return BuildMeta.model_validate(self.meta)
 
 
 class Store:
@@ -222,9 +229,11 @@ class Store:
         except (OSError, ValueError) as e:
             return Artifact(dest.name, dest, {}, damaged=f"{ARTIFACT_META}: unreadable ({type(e).__name__})")
 
-    def put(self, key: str, files_dir: Path, meta: dict[str, Any], version: tuple[str, int] | None = None) -> Artifact:
+    def put(self, key: str, files_dir: Path, meta: BuildInfo | dict[str, Any],
+            version: tuple[str, int] | None = None) -> Artifact:
         """Commit the files in ``files_dir`` (a staging folder) as artifact ``key``, and link it to
         ``version`` (model, number) under the same lock, so ``gc`` never sees it unreferenced."""
+        meta = dump(meta) if isinstance(meta, BuildInfo) else meta
         files = {p.relative_to(files_dir).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(files_dir.rglob("*")) if p.is_file()}
         content = key_of({k: v["sha256"] for k, v in files.items()})

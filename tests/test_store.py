@@ -103,3 +103,70 @@ def test_not_writable_store_is_bad_input(tmp_path: Path) -> None:
     (ro / "store").write_text("a file, not a folder")
     with pytest.raises(StoreError, match="not writable"):
         Store(ro / "store")
+
+
+# artifact.json files as mlopt wrote them before BuildMeta existed (digits example; the engine plan of a
+# TensorRT build, whose build here is a plan for the device): every key a backend or the compiler wrote
+_TODAY = {
+    "build_seconds": 0.006, "content_digest": "6" * 64, "created": "2026-12-02T17:14:55Z", "key": "c" * 64,
+    "model": "digits-cnn", "model_digest": "b" * 64, "outputs": ["output"], "precision": "float32",
+    "signature": [{"dtype": "float32", "name": "x", "shape": ["batch", 1, 8, 8]}], "sku": "cpu-x86-64-v4",
+    "files": {"model.onnx": {"bytes": 245073, "sha256": "c" * 64}},
+}
+_BACKENDS = {
+    "onnxruntime": {"backend": "onnxruntime", "details": {"providers": ["CPUExecutionProvider"]},
+                    "entry": "model.onnx", "format": "onnx", "requires": {}, "session": "session.json",
+                    "toolchain": {"onnxruntime": "1.32.0"},
+                    "validation": {"atol": 0.0001, "max_abs_diff": 1.9e-06, "rtol": 0.001, "status": "passed"}},
+    "tvm": {"backend": "tvm", "details": {"target": {"kind": "llvm", "mcpu": "neoverse-v1"}, "tuning_trials": 0},
+            "entry": "tvm_entry.json", "format": "tvm-relax-vm",
+            "requires": {"cpu_flags": ["fp", "asimd", "sve"], "machine": "aarch64"},
+            "toolchain": {"apache-tvm": "0.27.0.post1", "apache-tvm-ffi": "0.1.14.post1"},
+            "validation": {"reason": "cross-compiled for aarch64; run it on a cpu-aarch64-neoverse-v1 machine",
+                           "status": "not-run"}},
+    "openvino": {"backend": "openvino", "config": "ov_config.json", "entry": "model.xml", "format": "openvino-ir",
+                 "details": {"compress_to_fp16": False, "device": "CPU", "qdq_nodes": 0}, "requires": {},
+                 "toolchain": {"openvino": "2026.4.1"},
+                 "validation": {"atol": 0.4, "max_abs_diff": 0.01, "rtol": 0.001, "status": "passed",
+                                "reason": "int8 build: atol 0.05 x max|reference| (8)"}},
+    "tensorrt": {"backend": "tensorrt", "entry": "engine_entry.py", "plan": "engine_plan.json",
+                 "format": "tensorrt-plan", "details": {"compiled": "on-device", "engine": "tensorrt"},
+                 "requires": {}, "toolchain": {"tensorrt": "absent"},
+                 "validation": {"reason": "no NVIDIA GPU here", "status": "not-run"}},
+}
+
+
+@pytest.mark.parametrize("backend", sorted(_BACKENDS))
+def test_an_artifact_json_of_todays_shape_is_a_build_meta(backend: str) -> None:
+    from mlopt.core.artifact import BuildMeta, dump
+
+    data = {**_TODAY, **_BACKENDS[backend]}
+    meta = BuildMeta.model_validate(data)
+    assert meta.backend == backend and meta.validation.status == data["validation"]["status"]
+    assert meta.size_bytes == 245073 and meta.signature[0].shape == ["batch", 1, 8, 8]
+    assert dump(meta) == data  # written back, it is the same document: no key added, none lost
+
+
+def test_a_build_meta_refuses_a_key_no_backend_writes() -> None:
+    from pydantic import ValidationError
+
+    from mlopt.core.artifact import BuildMeta
+
+    with pytest.raises(ValidationError, match="surprise"):
+        BuildMeta.model_validate({**_TODAY, **_BACKENDS["onnxruntime"], "surprise": 1})
+
+
+def test_put_writes_a_build_info_as_the_same_artifact_json(tmp_path: Path) -> None:
+    """What the compiler hands the store is typed; the artifact.json and its reading are as before."""
+    from mlopt.core.artifact import BuildInfo
+
+    store = Store(tmp_path)
+    info = {k: v for k, v in {**_TODAY, **_BACKENDS["tvm"]}.items()
+            if k not in ("key", "files", "content_digest", "created")}
+    with store.staging() as tmp:
+        files = tmp / "a"
+        files.mkdir()
+        (files / "tvm_entry.json").write_text("{}")
+        art = store.put("t" * 64, files, BuildInfo.model_validate(info))
+    assert {k: v for k, v in art.meta.items() if k not in ("key", "files", "content_digest", "created")} == info
+    assert store.checked("t" * 64).build.validation.reason.startswith("cross-compiled")

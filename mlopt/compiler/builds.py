@@ -1,98 +1,124 @@
-"""Per SKU: each backend builds, the build is validated, stored and measured; the fastest is chosen."""
+"""Per SKU: each backend builds, the build is validated, stored and measured; the fastest is chosen.
+
+Typed stages: ``Model`` -> ``BuildMeta`` (the stored artifact) -> ``Validation`` -> ``Measurement``
+-> ``Candidate`` -> ``Entry`` (the manifest's entry for the SKU).
+"""
 
 from __future__ import annotations
 
 import errno
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
-from mlopt.compiler import ingest
+from mlopt.compiler import validate as check
 from mlopt.compiler.measure import MEMORY_METHOD, measure, peak_memory
-from mlopt.core.model import Model
-from mlopt.compiler.run import Run, evaluate, geomean
+from mlopt.compiler.run import Reference, Run, evaluate, geomean
+from mlopt.core.artifact import BuildInfo, BuildOutput, Validation
 from mlopt.core.errors import MloptError, ValidationMismatch, disk_full
 from mlopt.core.files import key_of
-from mlopt.targets import detect
-from mlopt.targets.backends import Backend, BuildRequest, get_backend
-from mlopt.targets.catalog import SKU
+from mlopt.core.model import Model
 from mlopt.core.util import scratch_cwd
+from mlopt.manifest import Accuracy, ArtifactRef, Candidate, Cost, Entry, Measurement, Provenance
+from mlopt.store import Artifact
+from mlopt.targets import detect
+from mlopt.targets.backends import Availability, Backend, BuildRequest, get_backend
+from mlopt.targets.catalog import SKU
+
+
+@dataclass(frozen=True)
+class Target:
+    """One backend's attempt at one SKU: what ``_candidate`` and its helpers share."""
+
+    run: Run
+    model: Model
+    sku: SKU
+    backend: Backend
+    version: int
+    avail: Availability
+    why_not: str  # why this machine cannot run the SKU's code ("" when it can)
+    threads: int
 
 
 def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
-               reference: dict[str, Any]) -> tuple[dict[str, Any], list[str], int]:
+              reference: Reference) -> tuple[Entry, list[str], int]:
     allowed = run.recipe.backends_for(sku.name, sku.kind)
     names = [b for b in sku.backends if allowed is None or b in allowed]
     runs_here, why_not = detect.host_runs(sku)
-    candidates, errors = [], []
+    candidates: list[Candidate] = []
     for name in names:
-        cand = _candidate(run, model, sku, get_backend(name), version, version_key, reference, runs_here, why_not)
-        candidates.append(cand)
-        if cand["status"] == "failed":
-            errors.append(f"{sku.name}/{name}: {cand['reason']}")
+        backend = get_backend(name)
+        t = Target(run, model, sku, backend, version, backend.availability(sku, runs_here), why_not,
+                   sku.threads or run.recipe.benchmark.threads)
+        candidates.append(_candidate(t, version_key, reference))
+    errors = [f"{sku.name}/{c.backend}: {c.reason}" for c in candidates if c.status == "failed"]
     chosen, chosen_by = _choose(candidates)
-    entry = {
-        "model": run.recipe.model_name, "version": version, "sku": sku.name, "sku_kind": sku.kind,
-        "chosen_backend": chosen["backend"] if chosen else None, "chosen_by": chosen_by,
-        "artifact": chosen["artifact"] if chosen else None, "precision": chosen["precision"] if chosen else None,
-        "measurement": chosen["measurement"] if chosen else None,
-        "cost": _cost(sku, chosen["measurement"]) if chosen and chosen["measurement"] else None,
-        "candidates": candidates,
-    }
+    entry = _entry(run, sku, version, chosen, chosen_by, candidates)
     if chosen is None and not names:
         errors.append(f"{sku.name}: none of the recipe's backends {allowed} serve this SKU "
                       f"(it supports {sku.backends})")
     elif chosen is None and not errors:
         errors.append(f"{sku.name}: no backend can build for it here, and none has an on-device (JIT) path: "
-                      + "; ".join(f"{c['backend']}: {c['reason']}" for c in candidates))
-    code = 3 if any(c.get("validation") and c["validation"]["status"] == "failed" for c in candidates) else \
+                      + "; ".join(f"{c.backend}: {c.reason}" for c in candidates))
+    code = 3 if any(c.validation and c.validation.status == "failed" for c in candidates) else \
         (4 if chosen is None else 0)
     return entry, errors, code
 
 
-def _candidate(run: Run, model: Model, sku: SKU, backend: Backend, version: int, version_key: str,
-               reference: dict[str, Any], runs_here: bool, why_not: str) -> dict[str, Any]:
-    avail = backend.availability(sku, runs_here)
-    cand: dict[str, Any] = {"backend": backend.name, "status": "unavailable", "reason": avail.reason}
-    if avail.build == "no":
-        run.log(f"[{sku.name}] {backend.name}: unavailable ({avail.reason})")
-        return cand
-    plan = run.recipe.benchmark
-    threads = sku.threads or plan.threads
-    key = key_of({"version": version_key, "model": model.digest, "backend": backend.name,
-                  "toolchain": backend.toolchain_for(sku), "trials": run.recipe.tuning.trials, "threads": threads,
-                  "requires": backend.requires(sku),
+def _entry(run: Run, sku: SKU, version: int, chosen: Candidate | None, chosen_by: str,
+           candidates: list[Candidate]) -> Entry:
+    m = chosen.measurement if chosen else None
+    return Entry(model=run.recipe.model_name, version=version, sku=sku.name, sku_kind=sku.kind,
+                 chosen_backend=chosen.backend if chosen else None, chosen_by=chosen_by,
+                 artifact=chosen.artifact if chosen else None, precision=chosen.precision if chosen else None,
+                 measurement=m, cost=_cost(sku, m) if m else None, candidates=candidates)
+
+
+def _candidate(t: Target, version_key: str, reference: Reference) -> Candidate:
+    name, sku = t.backend.name, t.sku
+    if t.avail.build == "no":
+        t.run.log(f"[{sku.name}] {name}: unavailable ({t.avail.reason})")
+        return Candidate(backend=name, status="unavailable", reason=t.avail.reason)
+    key = key_of({"version": version_key, "model": t.model.digest, "backend": name,
+                  "toolchain": t.backend.toolchain_for(sku), "trials": t.run.recipe.tuning.trials,
+                  "threads": t.threads, "requires": t.backend.requires(sku),
                   # what the code is built for, not the SKU's name: SKUs of one architecture share builds
                   "sku": sku.model_dump(include={"kind", "vendor", "arch", "machine", "tvm_target", "dtypes",
                                                  "onnxruntime_providers", "openvino_device"})})
-    cand["compiled"] = avail.build
     try:
-        art, cached, validation, seconds = _artifact(run, model, sku, backend, key, threads, avail, why_not,
-                                                     version)
-    except ValidationMismatch as e:
-        run.log(f"[{sku.name}] {backend.name}: FAILED validation: {e}")
-        return {**cand, "status": "failed", "reason": str(e),
-                "validation": {"status": "failed", "max_abs_diff": e.max_abs_diff, "atol": backend.atol,
-                               "rtol": backend.rtol, "reason": str(e)}}
-    except MloptError as e:
-        run.log(f"[{sku.name}] {backend.name}: failed: {e}")
-        return {**cand, "status": "failed", "reason": str(e)}
-    except Exception as e:  # a compiler's own error (TVM, ORT): recorded per candidate, others go on
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise disk_full(e) from e  # a full disk would fail every candidate after this one: stop here
-        run.log(f"[{sku.name}] {backend.name}: failed: {type(e).__name__}: {e}")
-        return {**cand, "status": "failed", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-    run.store.link(run.recipe.model_name, version, art.key)
-    cand.update(status="built", reason="" if avail.run else _not_run(avail.reason, why_not), precision=art.meta["precision"],
-                artifact=_artifact_ref(art), validation=validation, build_seconds=seconds, cached=cached,
-                details=art.meta.get("details", {}), measurement=None)
-    if avail.run:
-        with run.stage(f"measure {sku.name}/{backend.name}"):
-            cand["measurement"] = _measure(run, backend, art, threads, reference)
-    run.log(f"[{sku.name}] {backend.name}: {'cached' if cached else 'built'} {art.short}")
-    return cand
+        art, cached, validation, seconds = _artifact(t, key)
+    except Exception as e:
+        return _failed(t, e)
+    t.run.store.link(t.run.recipe.model_name, t.version, art.key)
+    measurement = None
+    if t.avail.run:
+        with t.run.stage(f"measure {sku.name}/{name}"):
+            measurement = _measure(t, art, reference)
+    t.run.log(f"[{sku.name}] {name}: {'cached' if cached else 'built'} {art.short}")
+    return Candidate(backend=name, status="built", compiled=t.avail.build,
+                     reason="" if t.avail.run else _not_run(t.avail.reason, t.why_not),
+                     precision=art.build.precision, artifact=_artifact_ref(art), validation=validation,
+                     build_seconds=seconds, cached=cached, details=art.build.details, measurement=measurement)
+
+
+def _failed(t: Target, e: Exception) -> Candidate:
+    """A candidate whose build or validation failed; a full disk stops the whole build instead."""
+    where, compiled = f"[{t.sku.name}] {t.backend.name}", t.avail.build
+    if isinstance(e, ValidationMismatch):
+        t.run.log(f"{where}: FAILED validation: {e}")
+        return Candidate(backend=t.backend.name, status="failed", compiled=compiled, reason=str(e),
+                         validation=check.failed(e))
+    if isinstance(e, MloptError):
+        t.run.log(f"{where}: failed: {e}")
+        return Candidate(backend=t.backend.name, status="failed", compiled=compiled, reason=str(e))
+    # a compiler's own error (TVM, ORT): recorded per candidate, others go on
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        raise disk_full(e) from e  # a full disk would fail every candidate after this one: stop here
+    t.run.log(f"{where}: failed: {type(e).__name__}: {e}")
+    first = str(e).splitlines()[0][:300] if str(e) else ""
+    return Candidate(backend=t.backend.name, status="failed", compiled=compiled,
+                     reason=f"{type(e).__name__}: {first}")
 
 
 def _not_run(how: str, why: str) -> str:
@@ -100,68 +126,53 @@ def _not_run(how: str, why: str) -> str:
     return "; ".join(dict.fromkeys(x for x in (why, how) if x))
 
 
-def _artifact(run: Run, model: Model, sku: SKU, backend: Backend, key: str, threads: int, avail: Any,
-              why_not: str, version: int) -> tuple[Any, bool, dict[str, Any], float]:
+def _artifact(t: Target, key: str) -> tuple[Artifact, bool, Validation, float]:
     """The stored artifact for ``key``, building and validating it first on a miss."""
-    art = run.store.reusable(key)  # a damaged one is rebuilt here, never replaced by another backend
+    art = t.run.store.reusable(key)  # a damaged one is rebuilt here, never replaced by another backend
     if art is not None:
-        validation = art.meta["validation"]
-        if validation["status"] == "not-run" and avail.run:  # stored by a machine that could not run it
-            validation = _validate(run, model, backend, art.path, art.meta, threads)
-        return art, True, validation, art.meta["build_seconds"]
-    plan = run.recipe.benchmark
-    req = BuildRequest(model=model, sku=sku, threads=threads, tuning_trials=run.recipe.tuning.trials,
-                       tuning_timeout_s=run.recipe.tuning.timeout_s,
-                       tuning_dir=run.store.root / "tuning", batch_axis=run.recipe.model.batch_axis, dims=plan.dims,
-                       batch_sizes=tuple(plan.batch_sizes), device_present=avail.run)
-    with run.store.staging() as tmp:
+        validation = art.build.validation
+        if validation.status == "not-run" and t.avail.run:  # stored by a machine that could not run it
+            validation = _validate(t, art.path, art.meta)
+        return art, True, validation, art.build.build_seconds
+    with t.run.store.staging() as tmp:
         files = tmp / "artifact"
         files.mkdir()
         t0 = time.perf_counter()
         with scratch_cwd():  # compilers' scratch files never land in the user's working directory
-            meta = {**backend.build(req, files.resolve()), "requires": backend.requires(sku)}
+            out = BuildOutput.model_validate(t.backend.build(_request(t), files.resolve()))
         seconds = round(time.perf_counter() - t0, 3)
-        validation = _validate(run, model, backend, files, meta, threads) if avail.run else \
-            {"status": "not-run", "reason": avail.reason or why_not}
-        art = run.store.put(key, files, {
-            **meta, "model": run.recipe.model_name, "model_digest": model.digest, "sku": sku.name,
-            "backend": backend.name, "toolchain": backend.toolchain_for(sku), "validation": validation,
-            "build_seconds": seconds, "signature": [i.model_dump() for i in model.inputs],
-            "outputs": list(model.outputs),
-        }, version=(run.recipe.model_name, version))
+        loaded = {**out.model_dump(exclude_unset=True), "requires": t.backend.requires(t.sku)}
+        validation = _validate(t, files, loaded) if t.avail.run else check.not_run(t.avail.reason or t.why_not)
+        art = t.run.store.put(key, files, _info(t, out, validation, seconds),
+                              version=(t.run.recipe.model_name, t.version))
     return art, False, validation, seconds
 
 
-def _validate(run: Run, model: Model, backend: Backend, files: Path, meta: dict[str, Any], threads: int) -> dict[str, Any]:
-    feed = run.sample_feed(2)
-    ref = ingest.run_onnx(model.onnx_path, feed)
-    got = backend.load(files, meta, threads)(feed)
-    atol, why = _tolerance(backend, model, meta, ref)
-    diff = ingest.check_close(ref, got, atol, backend.rtol, f"{backend.name} build")
-    return {"status": "passed", "max_abs_diff": diff, "atol": atol, "rtol": backend.rtol,
-            **({"reason": why} if why else {})}
+def _request(t: Target) -> BuildRequest:
+    recipe = t.run.recipe
+    return BuildRequest(model=t.model, sku=t.sku, threads=t.threads, tuning_trials=recipe.tuning.trials,
+                        tuning_timeout_s=recipe.tuning.timeout_s, tuning_dir=t.run.store.root / "tuning",
+                        batch_axis=recipe.model.batch_axis, dims=recipe.benchmark.dims,
+                        batch_sizes=tuple(recipe.benchmark.batch_sizes), device_present=t.avail.run)
 
 
-# Reduced-precision builds legitimately differ from the reference by rounding: an int8 kernel rounds
-# where the reference's QDQ graph computes in float, an fp16 engine rounds every product. Their check
-# guards against broken code (wrong layout, missing op), scaled to the outputs; accuracy is judged by
-# the evaluation data and the budget, not here.
-REDUCED_PRECISION_ATOL = {"int8": 0.05, "float16": 0.01, "bfloat16": 0.02}  # x max |reference output|
+def _info(t: Target, out: BuildOutput, validation: Validation, seconds: float) -> BuildInfo:
+    """What artifact.json records besides the file digests: the backend's output and what made it."""
+    return BuildInfo(**out.model_dump(exclude_unset=True), requires=t.backend.requires(t.sku),
+                     model=t.run.recipe.model_name, model_digest=t.model.digest, sku=t.sku.name,
+                     backend=t.backend.name, toolchain=t.backend.toolchain_for(t.sku), validation=validation,
+                     build_seconds=seconds, signature=[i.model_dump() for i in t.model.inputs],
+                     outputs=list(t.model.outputs))
 
 
-def _tolerance(backend: Backend, model: Model, meta: dict[str, Any], ref: dict[str, Any]) -> tuple[float, str]:
-    kinds = [k for k in REDUCED_PRECISION_ATOL if k in meta.get("precision", "")]
-    if model.is_quantized and "int8" not in kinds:
-        kinds.append("int8")
-    if not kinds:
-        return backend.atol, ""
-    frac = max(REDUCED_PRECISION_ATOL[k] for k in kinds)
-    scale = max(float(np.max(np.abs(v))) for v in ref.values())
-    atol = max(backend.atol, frac * scale)
-    return atol, f"{'/'.join(kinds)} build: atol {frac:g} x max|reference| ({scale:.3g})"
+def _validate(t: Target, files: Path, meta: dict[str, Any]) -> Validation:
+    feed = t.run.sample_feed(2)
+    return check.validate(t.backend.load(files, meta, t.threads), t.model, feed, t.backend.name,
+                          meta.get("precision", ""))
 
 
-def _measure(run: Run, backend: Backend, art: Any, threads: int, reference: dict[str, Any]) -> dict[str, Any]:
+def _measure(t: Target, art: Artifact, reference: Reference) -> Measurement:
+    run, backend, threads = t.run, t.backend, t.threads
     plan = run.recipe.benchmark.model_copy(update={"threads": threads})
     host = detect.host()
     key = key_of({"artifact": art.key, "host": host, "plan": plan.model_dump(), "eval": run.data_key("evaluation"),
@@ -169,57 +180,57 @@ def _measure(run: Run, backend: Backend, art: Any, threads: int, reference: dict
 
     def produce(work: Path) -> dict[str, Any]:
         feeds = {b: run.sample_feed(b) for b in plan.batch_sizes}
-        load = lambda: backend.load(art.path, art.meta, threads)  # noqa: E731
-        figures = measure(load, feeds, plan)
+        figures = measure(lambda: backend.load(art.path, art.meta, threads), feeds, plan)
         modules = list(backend.spec.run_modules)
-        figures["peak_memory_bytes"], figures["memory_method"] = peak_memory(
-            backend.name, modules, art.path, art.meta, threads, feeds[max(feeds)])
-        figures["accuracy"] = _build_accuracy(run, backend.load(art.path, art.meta, threads), reference)
-        figures["provenance"] = {"host": host, "libraries": backend.toolchain(), "threads": threads,
-                                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        figures.pop("threads"), figures.pop("warmup")
-        return figures
+        peak, method = peak_memory(backend.name, modules, art.path, art.meta, threads, feeds[max(feeds)])
+        accuracy = _build_accuracy(run, backend.load(art.path, art.meta, threads), reference)
+        provenance = Provenance(host=host, libraries=backend.toolchain(), threads=threads,
+                                measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        return Measurement(provenance=provenance, batches=figures["batches"], peak_memory_bytes=peak,
+                           memory_method=method, noisy=figures["noisy"], accuracy=accuracy
+                           ).model_dump(mode="json", exclude_unset=True)
 
     _, meta, hit = run.store.cached_step("measure", key, produce)
-    run.log(f"[measure] {art.meta['sku']}/{backend.name}: " + ", ".join(
-        f"b{b['batch_size']} p50 {b['p50_ms']:.2f} ms" for b in meta["batches"]) + (" (cached)" if hit else ""))
-    return meta
+    m = Measurement.model_validate(meta)
+    run.log(f"[measure] {art.build.sku}/{backend.name}: " + ", ".join(
+        f"b{b.batch_size} p50 {b.p50_ms:.2f} ms" for b in m.batches) + (" (cached)" if hit else ""))
+    return m
 
 
-def _build_accuracy(run: Run, runner: Callable, reference: dict[str, Any]) -> dict[str, Any] | None:
-    if reference["accuracy"] is None:
+def _build_accuracy(run: Run, runner: Callable, reference: Reference) -> Accuracy | None:
+    if reference.accuracy is None:
         return None
-    ref = reference["accuracy"]["value"]
+    ref = reference.accuracy.value
     value = evaluate(run, runner, reference)
-    return {"metric": reference["accuracy"]["metric"], "value": value, "reference": ref, "drop": ref - value,
-            "within_budget": ref - value <= run.recipe.accuracy.max_drop + 1e-12}
+    return Accuracy(metric=reference.accuracy.metric, value=value, reference=ref, drop=ref - value,
+                    within_budget=ref - value <= run.recipe.accuracy.max_drop + 1e-12)
 
 
-def _choose(cands: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+def _choose(cands: list[Candidate]) -> tuple[Candidate | None, str]:
     """The fastest measured build (geometric mean of p50 over the batch sizes); else the first built."""
-    measured = [c for c in cands if c["status"] == "built" and c.get("measurement")]
+    measured = [c for c in cands if c.status == "built" and c.measurement]
     if measured:
-        best = min(measured, key=lambda c: geomean([b["p50_ms"] for b in c["measurement"]["batches"]]))
+        best = min(measured, key=lambda c: geomean([b.p50_ms for b in c.measurement.batches]))  # type: ignore[union-attr]
         return best, "fastest measured (geometric mean of p50 latency over the benchmark batch sizes)"
-    built = [c for c in cands if c["status"] == "built"]
+    built = [c for c in cands if c.status == "built"]
     if built:
         return built[0], "first in the SKU's backend order (not measurable on this machine)"
     return None, "no backend produced a build"
 
 
-def _cost(sku: SKU, m: dict[str, Any]) -> dict[str, Any] | None:
+def _cost(sku: SKU, m: Measurement) -> Cost | None:
     if sku.price is None:
         return None
-    best = max(m["batches"], key=lambda b: b["throughput_per_s"] or 0)
-    if not best["throughput_per_s"]:
+    best = max(m.batches, key=lambda b: b.throughput_per_s or 0)
+    if not best.throughput_per_s:
         return None
-    per_million = sku.price.usd_per_hour / (best["throughput_per_s"] * 3600) * 1e6
-    return {"usd_per_million": round(per_million, 6), "usd_per_hour": sku.price.usd_per_hour,
-            "throughput_per_s": best["throughput_per_s"], "batch_size": best["batch_size"],
-            "price_source": sku.price.source, "price_date": sku.price.date}
+    per_million = sku.price.usd_per_hour / (best.throughput_per_s * 3600) * 1e6
+    return Cost(usd_per_million=round(per_million, 6), usd_per_hour=sku.price.usd_per_hour,
+                throughput_per_s=best.throughput_per_s, batch_size=best.batch_size,
+                price_source=sku.price.source, price_date=sku.price.date)
 
 
-def _artifact_ref(art: Any) -> dict[str, Any]:
-    files = art.meta["files"]
-    return {"key": art.key, "content_digest": art.meta["content_digest"], "path": str(art.path),
-            "size_bytes": sum(f["bytes"] for f in files.values()), "files": sorted(files)}
+def _artifact_ref(art: Artifact) -> ArtifactRef:
+    meta = art.build
+    return ArtifactRef(key=art.key, content_digest=meta.content_digest, path=str(art.path),
+                       size_bytes=meta.size_bytes, files=sorted(meta.files))

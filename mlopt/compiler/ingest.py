@@ -2,6 +2,7 @@
 
 PyTorch sources are exported to ONNX and the export is checked numerically against the module.
 ONNX files are checked (structure, signature). torch is imported only when a source needs it.
+Reference runs and feeds live in ``feeds``, comparisons with the reference in ``validate``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any, Callable
 import numpy as np
 
 from mlopt.core.model import ONNX_TO_NUMPY, Model, file_digest
+from mlopt.compiler.feeds import run_onnx
 from mlopt.compiler.pt2_safety import check_pt2
-from mlopt.core.errors import ModelLoadError, ValidationMismatch
+from mlopt.compiler.validate import check_close
+from mlopt.core.errors import ModelLoadError
 from mlopt.core.callables import load_callable
 from mlopt.core.spec import InputSpec
 from mlopt.recipes.schema import ModelSource
@@ -285,51 +288,3 @@ def _as_list(out: Any) -> list[Any]:
     if isinstance(out, dict):
         return [t for o in out.values() for t in _as_list(o)]
     return [out]
-
-
-def onnx_runner(path: Path, threads: int = 1, optimize: bool = False) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """An ONNX Runtime CPU session as a function of a feed. Reference runs use basic optimizations only."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return lambda feed: dict(zip(names, sess.run(names, feed)))
-
-
-def run_onnx(path: Path, feed: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
-    """One reference run of an ONNX file (ONNX Runtime CPU, basic optimizations)."""
-    return onnx_runner(path, threads)(feed)
-
-
-def check_close(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float, rtol: float, where: str) -> float:
-    """Raise ``ValidationMismatch`` naming the first output beyond tolerance; return the max abs diff."""
-    worst = 0.0
-    for (rname, r), (gname, g) in zip(ref.items(), got.items()):
-        r64, g64 = np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)
-        if r64.shape != g64.shape:
-            raise ValidationMismatch(gname, float("inf"), atol, rtol, f"{where} (shape {g64.shape} vs {r64.shape})")
-        diff = float(np.max(np.abs(r64 - g64))) if r64.size else 0.0
-        if not np.allclose(g64, r64, atol=atol, rtol=rtol) or not np.isfinite(diff):
-            raise ValidationMismatch(gname, diff, atol, rtol, where)
-        worst = max(worst, diff)
-    return worst
-
-
-def random_feed(inputs: tuple[InputSpec, ...] | list[InputSpec], shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic inputs: normal floats, small non-negative ints (valid token ids, masks, indices)."""
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for i in inputs:
-        shape = shapes[i.name]
-        if i.dtype.startswith(("float", "bfloat")):
-            feed[i.name] = rng.standard_normal(shape).astype(np.float32 if i.dtype == "bfloat16" else i.dtype)
-        elif i.dtype == "bool":
-            feed[i.name] = np.ones(shape, dtype=bool)
-        else:
-            feed[i.name] = rng.integers(0, 2, size=shape).astype(i.dtype)
-    return feed

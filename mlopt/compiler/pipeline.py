@@ -17,16 +17,18 @@ import numpy as np
 
 from mlopt import __version__, gates
 from mlopt.compiler import ingest
+from mlopt.compiler import validate as check
 from mlopt.compiler.builds import build_sku
 from mlopt.compiler.data import concat_outputs, score
+from mlopt.compiler.feeds import onnx_runner, ort_not_implemented
 from mlopt.compiler.measure import time_runner
 from mlopt.core.model import Model
 from mlopt.passes import PassContext, get_pass
 from mlopt.compiler.publish import publish
 from mlopt.core.util import Log
-from mlopt.compiler.run import Run, evaluate, geomean, toolchain
+from mlopt.compiler.run import Reference, Run, evaluate, geomean, toolchain
 from mlopt.core.errors import BackendUnavailable, BadInput, BudgetExceeded, GateFailed, MloptError, severest
-from mlopt.manifest import Manifest, write_manifest
+from mlopt.manifest import Manifest, ReferenceAccuracy, write_manifest
 from mlopt.recipes.load import dump_recipe
 from mlopt.recipes.schema import Recipe
 from mlopt.core.files import key_of
@@ -53,7 +55,7 @@ def compile(recipe: Recipe, store: Store, log: Log = lambda _: None) -> BuildRes
 def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = False) -> BuildResult:
     """Run a recipe end to end (and publish its images when ``push``); write the manifest; return it with
     the exit code."""
-    run = Run(recipe, store, log)
+    run = Run(recipe, store, log, inputs=tuple(recipe.model.inputs))
     catalog = load_catalog(recipe.catalog)
     skus = detect.resolve_targets(catalog, recipe.targets)
     _check_names(recipe)
@@ -62,7 +64,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = 
     baseline = gates.load_manifest_ref(recipe.gates.baseline) if recipe.gates.baseline else None
     with run.stage("ingest"):
         model, _ = _ingest(run)
-    run.inputs = model.inputs
+    run = run.with_inputs(model.inputs)
     _check_dims(recipe, model)
     _check_batch_memory(recipe, model)
     with run.stage("reference"):
@@ -79,7 +81,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = 
         with run.stage(f"build {sku.name}"):
             entry, sku_errors, code = build_sku(run, final, sku, version, version_key, reference)
         if requested_as:
-            entry["requested_as"] = requested_as
+            entry = entry.model_copy(update={"requested_as": requested_as})
         entries.append(entry)
         errors += sku_errors
         codes.append(code)
@@ -94,7 +96,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = 
             "name": recipe.model_name, "version": version, "source": recipe.model.source,
             "input_digest": model.digest, "final_digest": final.digest,
             "inputs": list(model.inputs), "outputs": list(model.outputs),
-            "reference_accuracy": reference["accuracy"], "passes": pass_reports,
+            "reference_accuracy": reference.accuracy, "passes": pass_reports,
         }],
         entries=entries,
         status="failed" if any(codes) else "ok",
@@ -207,8 +209,7 @@ def _ingest(run: Run) -> tuple[Model, bool]:
 
     def produce(work: Path) -> dict[str, Any]:
         module = ingest.torch_loader(src)()
-        run.inputs = tuple(src.inputs)
-        sample = run.sample_feed(2)
+        sample = run.sample_feed(2)  # run.inputs are the declared ones (a PyTorch source declares them)
         model = ingest.export_torch(src, module, work / "model.onnx", name, sample)
         return {"digest": model.digest, "outputs": list(model.outputs)}
 
@@ -219,15 +220,15 @@ def _ingest(run: Run) -> tuple[Model, bool]:
     return model, hit
 
 
-def _reference(run: Run, model: Model) -> dict[str, Any]:
+def _reference(run: Run, model: Model) -> Reference:
     """The original model's outputs on the evaluation data and its metric (cached)."""
     ev = run.recipe.data.evaluation
     if ev is None:
-        return {"accuracy": None, "outputs": None}
+        return Reference()
     key = key_of({"model": model.digest, "data": run.data_key("evaluation"), "ort": package_version("onnxruntime")})
 
     def produce(work: Path) -> dict[str, Any]:
-        runner = ingest.onnx_runner(model.onnx_path, run.recipe.benchmark.threads)
+        runner = onnx_runner(model.onnx_path, run.recipe.benchmark.threads)
         outs = concat_outputs([runner(f) for f in run.evaluation.feeds])
         np.savez(work / "outputs.npz", **outs)
         value = score(ev, outs, run.evaluation.labels, outs)
@@ -236,21 +237,21 @@ def _reference(run: Run, model: Model) -> dict[str, Any]:
     folder, meta, _ = run.store.cached_step("reference", key, produce)
     run.log(f"[reference] {meta['metric']} = {meta['value']:.4f} on {meta['samples']} samples")
     outputs = lambda: dict(np.load(folder / "outputs.npz"))  # noqa: E731 - loaded only when scored
-    return {"accuracy": meta, "outputs": outputs}
+    return Reference(accuracy=ReferenceAccuracy.model_validate(meta), outputs=outputs)
 
 
 def _onnx_latency(run: Run, path: Path) -> float:
     """ms: geometric mean over the plan's batch sizes of the median of a few ONNX Runtime runs."""
     plan = run.recipe.benchmark
     quick = plan.model_copy(update={"warmup": 2, "runs": 7})
-    runner = ingest.onnx_runner(path, plan.threads, optimize=True)
+    runner = onnx_runner(path, plan.threads, optimize=True)
     return geomean([statistics.median(time_runner(runner, run.sample_feed(b), quick)) for b in plan.batch_sizes])
 
 
-def _pass_context(run: Run, work: Path, reference: dict[str, Any]) -> PassContext:
+def _pass_context(run: Run, work: Path, reference: Reference) -> PassContext:
     """What passes may use: data, an evaluator and a timer for candidates, an exporter for modules."""
     src = run.recipe.model
-    has_eval = reference["accuracy"] is not None
+    has_eval = reference.accuracy is not None
 
     def export(module: Any, out: Path) -> Model:
         return ingest.export_torch(src, module, out, run.recipe.model_name, run.sample_feed(2))
@@ -258,10 +259,9 @@ def _pass_context(run: Run, work: Path, reference: dict[str, Any]) -> PassContex
     return PassContext(
         workdir=work,
         calibration=run.calibration if run.recipe.data.calibration else None,
-        evaluate=(lambda p: evaluate(run, ingest.onnx_runner(p, run.recipe.benchmark.threads, optimize=True),
-                                      reference))
+        evaluate=(lambda p: evaluate(run, onnx_runner(p, run.recipe.benchmark.threads, optimize=True), reference))
         if has_eval else None,
-        reference=reference["accuracy"]["value"] if has_eval else None,
+        reference=reference.accuracy.value if reference.accuracy is not None else None,
         max_drop=run.recipe.accuracy.max_drop,
         latency=lambda p: _onnx_latency(run, p),
         log=run.log,
@@ -272,7 +272,7 @@ def _pass_context(run: Run, work: Path, reference: dict[str, Any]) -> PassContex
 # ------------------------------------------------------------------ passes
 
 
-def _passes(run: Run, model: Model, reference: dict[str, Any]) -> tuple[Model, list[dict[str, Any]]]:
+def _passes(run: Run, model: Model, reference: Reference) -> tuple[Model, list[dict[str, Any]]]:
     reports = []
     for step in run.recipe.passes:
         name = step.name or step.kind
@@ -283,7 +283,7 @@ def _passes(run: Run, model: Model, reference: dict[str, Any]) -> tuple[Model, l
     return model, reports
 
 
-def _run_pass(run: Run, model: Model, step: Any, name: str, reference: dict[str, Any]) -> tuple[Model, dict[str, Any]]:
+def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference) -> tuple[Model, dict[str, Any]]:
     budget = run.recipe.accuracy
     key = key_of({"model": model.digest, "step": step.model_dump(mode="json"), "budget": budget.model_dump(),
                   "calibration": run.data_key("calibration"), "evaluation": run.data_key("evaluation"),
@@ -312,7 +312,7 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: dict[str,
     return model.derive(folder / meta["file"], module_fn=module_fn), report
 
 
-def _recompute(run: Run, model: Model, step: Any, reference: dict[str, Any]) -> Callable[[], Any] | None:
+def _recompute(run: Run, model: Model, step: Any, reference: Reference) -> Callable[[], Any] | None:
     """A cached pass's module, rebuilt on demand (only a later training pass that missed the cache asks)."""
     spec = get_pass(step.kind)
     if not spec.changes_outputs:  # the module still describes the result
@@ -328,35 +328,35 @@ def _recompute(run: Run, model: Model, step: Any, reference: dict[str, Any]) -> 
     return rebuild
 
 
-def _gate(run: Run, old: Model, new: Model, step: Any, reference: dict[str, Any]) -> dict[str, Any]:
+def _gate(run: Run, old: Model, new: Model, step: Any, reference: Reference) -> dict[str, Any]:
     """Judge a pass: the accuracy budget for passes that change outputs, numerics for the others."""
     if not get_pass(step.kind).changes_outputs:
-        feed = run.sample_feed(2)
-        ingest.check_close(ingest.run_onnx(old.onnx_path, feed), ingest.run_onnx(new.onnx_path, feed),
-                           1e-4, 1e-3, f"pass {step.kind}")
+        check.check_pass(step.kind, old.onnx_path, new.onnx_path, run.sample_feed(2))
         return {}
-    if reference["accuracy"] is None:
+    if reference.accuracy is None:
         raise BadInput(f"pass {step.kind} changes outputs, so the recipe needs data.evaluation to judge it")
-    ref = reference["accuracy"]["value"]
-    # judged as deployed: ONNX Runtime with all its optimizations (int8 fusions change numerics a little)
-    try:
-        runner = ingest.onnx_runner(new.onnx_path, run.recipe.benchmark.threads, optimize=True)
-        after = evaluate(run, runner, reference)
-    except Exception as e:  # e.g. bf16 Gemm: ONNX Runtime's CPU provider has no kernel for it
-        if "NOT_IMPLEMENTED" not in str(e):
-            raise
-        raise BackendUnavailable(
-            f"pass {step.kind} made a model ONNX Runtime's CPU provider cannot run here "
-            f"({str(e).splitlines()[0][:160]}), so its accuracy cannot be judged on this machine",
-            hint="fp16/bf16 models are for SKUs whose runtime has those kernels (GPU SKUs)") from None
+    ref = reference.accuracy.value
+    after = _judged_accuracy(run, new, step, reference)
     drop = ref - after
     out = {"accuracy_before": ref, "accuracy_after": after}
     if drop <= run.recipe.accuracy.max_drop:
         return out
     policy = step.on_violation or run.recipe.accuracy.on_violation
-    msg = (f"pass {step.kind} drops {reference['accuracy']['metric']} from {ref:.4f} to {after:.4f} "
+    msg = (f"pass {step.kind} drops {reference.accuracy.metric} from {ref:.4f} to {after:.4f} "
            f"(drop {drop:.4f} > budget {run.recipe.accuracy.max_drop})")
     if policy == "fail":
         raise BudgetExceeded(msg, hint="raise accuracy.max_drop, change the pass settings, or set on_violation: skip")
     run.log(f"[pass] {msg}; skipped")
     return {**out, "status": "skipped", "skip_reason": msg}
+
+
+def _judged_accuracy(run: Run, new: Model, step: Any, reference: Reference) -> float:
+    """The pass's model judged as deployed: ONNX Runtime with all its optimizations (int8 fusions change
+    numerics a little); a model it has no kernels for (a bf16 Gemm on the CPU provider) cannot be judged here."""
+    try:
+        return evaluate(run, onnx_runner(new.onnx_path, run.recipe.benchmark.threads, optimize=True), reference)
+    except ort_not_implemented() as e:
+        raise BackendUnavailable(
+            f"pass {step.kind} made a model ONNX Runtime's CPU provider cannot run here "
+            f"({str(e).splitlines()[0][:160]}), so its accuracy cannot be judged on this machine",
+            hint="fp16/bf16 models are for SKUs whose runtime has those kernels (GPU SKUs)") from None

@@ -7,30 +7,38 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
+from mlopt.core.spec import InputSpec
 from mlopt.core.util import Log
-from mlopt.compiler import ingest
 from mlopt.compiler.data import Batches, concat_outputs, load_batches, score
+from mlopt.compiler.feeds import random_feed
+from mlopt.manifest import ReferenceAccuracy
 from mlopt.recipes.schema import Recipe
 from mlopt.store import Store
 from mlopt.targets.backends import package_version
 
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """State shared by the stages of one build."""
+    """State shared by the stages of one build. Frozen: a stage that learns the model's inputs
+    gets a new Run from ``with_inputs`` (the stage timings are shared)."""
 
     recipe: Recipe
     store: Store
     log: Log
     stages: dict[str, float] = field(default_factory=dict)
+    inputs: tuple[InputSpec, ...] = ()
+
+    def with_inputs(self, inputs: tuple[InputSpec, ...]) -> Run:
+        """This run for a model taking ``inputs``; itself (data already loaded) when they are the same."""
+        return self if tuple(inputs) == self.inputs else replace(self, inputs=tuple(inputs))
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -62,8 +70,6 @@ class Run:
         cal = self.recipe.data.calibration
         return load_batches(cal, self.inputs) if cal else None
 
-    inputs: tuple = ()
-
     def sample_feed(self, batch: int) -> dict[str, np.ndarray]:
         """A feed of ``batch`` rows: real evaluation rows where shapes allow, else seeded random."""
         plan = self.recipe.benchmark
@@ -73,13 +79,24 @@ class Run:
             if all(first[n].shape[1:] == s[1:] for n, s in shapes.items()):
                 reps = math.ceil(batch / len(next(iter(first.values()))))
                 return {n: np.ascontiguousarray(np.concatenate([first[n]] * reps)[:batch]) for n in shapes}
-        return ingest.random_feed(self.inputs, shapes)
+        return random_feed(self.inputs, shapes)
 
 
-def evaluate(run: Run, runner: Callable, reference: dict[str, Any]) -> float:
+@dataclass(frozen=True)
+class Reference:
+    """The original model, computed once before the passes and builds: its metric on the evaluation
+    data and its outputs there (loaded only when a metric compares with them). Both None without data."""
+
+    accuracy: ReferenceAccuracy | None = None
+    outputs: Callable[[], dict[str, np.ndarray]] | None = None
+
+
+def evaluate(run: Run, runner: Callable, reference: Reference) -> float:
+    """The recipe's metric of ``runner`` on the evaluation data."""
     ev = run.recipe.data.evaluation
     outs = concat_outputs([runner(f) for f in run.evaluation.feeds])
-    return score(ev, outs, run.evaluation.labels, reference["outputs"]())
+    assert reference.outputs is not None, "evaluate needs a reference computed on evaluation data"
+    return score(ev, outs, run.evaluation.labels, reference.outputs())
 
 
 

@@ -74,6 +74,7 @@ class ValidationMismatch(AccuracyError):
         )
         self.output = output
         self.max_abs_diff = max_abs_diff
+        self.atol, self.rtol = atol, rtol
 
 
 class BudgetExceeded(AccuracyError):

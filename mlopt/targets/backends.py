@@ -93,8 +93,6 @@ class Backend(ABC):
 
     name: ClassVar[str]
     spec: ClassVar[BackendSpec]
-    atol: ClassVar[float] = 1e-4  # validation tolerance against the reference outputs
-    rtol: ClassVar[float] = 1e-3
 
     @abstractmethod
     def availability(self, sku: SKU, host_runs_sku: bool) -> Availability:

@@ -112,8 +112,6 @@ class EngineBackend(Backend):
     gpu: ClassVar[str]
     formats: ClassVar[dict[str, str]]  # by how it is compiled: here / on-device
     library: ClassVar[dict[str, Any]]  # the library the plan needs on the device (the entry checks "majors")
-    atol = 2e-2  # fp16 engines
-    rtol = 2e-2
 
     def availability(self, sku: SKU, host_runs_sku: bool) -> Availability:
         if sku.vendor != self.vendor or not sku.needs_gpu:

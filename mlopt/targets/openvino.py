@@ -76,11 +76,6 @@ SPEC = BackendSpec(
 class OpenVINOBackend(Backend):
     name = "openvino"
     spec = SPEC
-    # Largest differences from the reference measured on the examples (f32 hint, AVX-512 CPU):
-    # digits 2.9e-6, EfficientNet-Lite0 7.6e-6, MiniLM 1.9e-7, so ONNX Runtime's tolerance holds.
-    # Without the hint this CPU (AVX512-BF16) ran bf16: 0.08 (digits) and 0.1 (EfficientNet).
-    atol = 1e-4
-    rtol = 1e-3
 
     def availability(self, sku: SKU, host_runs_sku: bool) -> Availability:
         if importlib.util.find_spec("openvino") is None:

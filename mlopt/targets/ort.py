@@ -98,8 +98,6 @@ SPEC = BackendSpec(
 class OrtBackend(Backend):
     name = "onnxruntime"
     spec = SPEC
-    atol = 1e-4
-    rtol = 1e-3
 
     def availability(self, sku: SKU, host_runs_sku: bool) -> Availability:
         if sku.kind != "cpu":

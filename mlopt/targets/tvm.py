@@ -53,8 +53,6 @@ ISOLATE_CPU_BUILDS = True
 class TVMBackend(Backend):
     name = "tvm"
     spec = SPEC
-    atol = 1e-4
-    rtol = 1e-3
 
     def availability(self, sku: SKU, host_runs_sku: bool) -> Availability:
         kind = (sku.tvm_target or {}).get("kind")
