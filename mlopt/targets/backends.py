@@ -100,7 +100,9 @@ class Backend(ABC):
 
     @abstractmethod
     def build(self, req: BuildRequest, out: Path) -> dict[str, Any]:
-        """Write the artifact's files into ``out``; return its metadata (precision, entry point ...)."""
+        """Write the artifact's files into ``out``; return its metadata: the fields of
+        ``mlopt.core.artifact.BuildOutput`` (precision, entry, format, details, the backend's own files),
+        which the compiler validates (a key that is not a field is refused)."""
 
     def requires(self, sku: SKU) -> dict[str, Any]:
         """What this backend's build for ``sku`` needs of the CPU that runs it. Portable formats
