@@ -28,7 +28,7 @@ from mlopt.compiler.publish import publish
 from mlopt.core.util import Log
 from mlopt.compiler.run import Reference, Run, evaluate, geomean, toolchain
 from mlopt.core.errors import BackendUnavailable, BadInput, BudgetExceeded, GateFailed, MloptError, severest
-from mlopt.manifest import Manifest, ReferenceAccuracy, write_manifest
+from mlopt.manifest import Entry, Manifest, ModelInfo, PassReport, RecipeRef, ReferenceAccuracy, write_manifest
 from mlopt.recipes.load import dump_recipe
 from mlopt.recipes.schema import Recipe
 from mlopt.core.files import key_of
@@ -75,29 +75,18 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = 
                           "mlopt": __version__, "onnx": package_version("onnx")})
     version = store.version_for(recipe.model_name, version_key, {"input_digest": model.digest,
                                                                  "final_digest": final.digest})
-    entries, errors, codes = [], [], []
     _log_host(skus, log)
-    for sku, requested_as in skus:
-        with run.stage(f"build {sku.name}"):
-            entry, sku_errors, code = build_sku(run, final, sku, version, version_key, reference)
-        if requested_as:
-            entry = entry.model_copy(update={"requested_as": requested_as})
-        entries.append(entry)
-        errors += sku_errors
-        codes.append(code)
+    entries, errors, codes = _build_skus(run, final, skus, version, version_key, reference)
     manifest = Manifest(
         mlopt_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        recipe={"name": recipe.name, "digest": hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()},
+        recipe=RecipeRef(name=recipe.name, digest=hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()),
         host=detect.host(),
         toolchain=toolchain(),
         store=str(store.root),
-        models=[{
-            "name": recipe.model_name, "version": version, "source": recipe.model.source,
-            "input_digest": model.digest, "final_digest": final.digest,
-            "inputs": list(model.inputs), "outputs": list(model.outputs),
-            "reference_accuracy": reference.accuracy, "passes": pass_reports,
-        }],
+        models=[ModelInfo(name=recipe.model_name, version=version, source=recipe.model.source,
+                          input_digest=model.digest, final_digest=final.digest, inputs=list(model.inputs),
+                          outputs=list(model.outputs), reference_accuracy=reference.accuracy, passes=pass_reports)],
         entries=entries,
         status="failed" if any(codes) else "ok",
         errors=errors,
@@ -125,6 +114,21 @@ def _conclude(recipe: Recipe, store: Store, manifest: Manifest, path: Path, code
         write_manifest(manifest, path)
         log(f"[done] manifest written to {path}")
     return BuildResult(manifest, path, code, error)
+
+
+def _build_skus(run: Run, final: Model, skus: list[tuple[Any, str | None]], version: int, version_key: str,
+                reference: Reference) -> tuple[list[Entry], list[str], list[int]]:
+    """Every SKU's entry (its candidates built, validated and measured), the errors and exit codes."""
+    entries, errors, codes = [], [], []
+    for sku, requested_as in skus:
+        with run.stage(f"build {sku.name}"):
+            entry, sku_errors, code = build_sku(run, final, sku, version, version_key, reference)
+        if requested_as:
+            entry = entry.model_copy(update={"requested_as": requested_as})
+        entries.append(entry)
+        errors += sku_errors
+        codes.append(code)
+    return entries, errors, codes
 
 
 def _log_host(skus: list[tuple[Any, str | None]], log: Log) -> None:
@@ -272,13 +276,13 @@ def _pass_context(run: Run, work: Path, reference: Reference) -> PassContext:
 # ------------------------------------------------------------------ passes
 
 
-def _passes(run: Run, model: Model, reference: Reference) -> tuple[Model, list[dict[str, Any]]]:
+def _passes(run: Run, model: Model, reference: Reference) -> tuple[Model, list[PassReport]]:
     reports = []
     for step in run.recipe.passes:
         name = step.name or step.kind
         with run.stage(f"pass {name}"):
             model, report = _run_pass(run, model, step, name, reference)
-        reports.append(report)
+        reports.append(PassReport.model_validate(report))
         run.log(f"[pass] {name}: {report['status']} ({report['seconds']:.2f}s)")
     return model, reports
 
