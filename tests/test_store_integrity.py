@@ -254,3 +254,10 @@ def test_verify_reports_damaged_cached_steps_and_gc_repairs_them(tmp_path: Path)
     res = CliRunner().invoke(app, ["artifacts", "gc", "--damaged", *args])
     assert res.exit_code == 0 and "1 steps" in res.output, res.output
     assert CliRunner().invoke(app, ["artifacts", "verify", *args]).exit_code == 0
+
+
+def test_a_compile_marks_its_version_complete(tmp_path: Path) -> None:
+    code, out, manifest = _compile(tmp_path, tmp_path / "store")
+    assert code == 0, out
+    versions = Store(tmp_path / "store").models()["m"]["versions"]
+    assert [(v["version"], v["complete"]) for v in versions] == [(manifest["models"][0]["version"], True)]

@@ -76,7 +76,8 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = 
     version = store.version_for(recipe.model_name, version_key, {"input_digest": model.digest,
                                                                  "final_digest": final.digest})
     _log_host(skus, log)
-    entries, errors, codes = _build_skus(run, final, skus, version, version_key, reference)
+    with store.holding(recipe.model_name, version):  # gc keeps this version meanwhile; complete once done
+        entries, errors, codes = _build_skus(run, final, skus, version, version_key, reference)
     manifest = Manifest(
         mlopt_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
