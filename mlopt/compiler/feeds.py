@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from mlopt.core.spec import InputSpec
-
-Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
+from mlopt.runtime import Runner
+from mlopt.runtime.ort import onnx_file
 
 def onnx_runner(path: Path, threads: int = 1, optimize: bool = False) -> Runner:
     """An ONNX Runtime CPU session as a function of a feed. Reference runs use basic optimizations only."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return lambda feed: dict(zip(names, sess.run(names, feed)))
+    return onnx_file(path, threads, optimize)
 
 
 def run_onnx(path: Path, feed: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:

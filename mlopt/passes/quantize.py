@@ -377,19 +377,10 @@ def _sensitivity(model: Model, cfg: QuantizePass, ctx: PassContext) -> list[str]
 
 
 def _run_onnx(path: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One run of an ONNX file as the reference runs it (ONNX Runtime CPU, basic optimizations, one thread).
+    """One run of an ONNX file as the reference runs it (ONNX Runtime CPU, basic optimizations, one thread)."""
+    from mlopt.runtime.ort import onnx_file
 
-    Written here, not imported from the compiler, because passes sit below it in the layers.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feed)))
+    return onnx_file(path, threads=1)(feed)
 
 
 def _cos_error(a: np.ndarray, b: np.ndarray) -> float:

@@ -28,6 +28,21 @@ def providers(wanted: list[Any], available: list[str]) -> list[Any]:
     return have
 
 
+def onnx_file(path: Path, threads: int = 1, optimize: bool = False) -> Runner:
+    """An ONNX file on ONNX Runtime's CPU provider: the reference every check compares with (basic
+    graph optimizations), or with ``optimize`` all of them (what a pass's accuracy judge runs)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return lambda feed: dict(zip(names, sess.run(names, feed)))
+
+
 def load(folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> Runner:
     """A session on the build's execution providers; ``threads`` overrides the build's intra-op threads."""
     import onnxruntime as ort
