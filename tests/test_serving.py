@@ -279,7 +279,7 @@ def _call(port: int, path: str, body: dict | None = None) -> tuple[int, dict]:
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "tvm"])
 def test_entry_point_serves_the_build(cpu: Deployable, backend: str) -> None:
     d = with_backend(cpu, backend)
-    model = entry.Model(serve_spec(d, ServingOptions()), d.artifact.path)
+    model = entry.ServedModel(serve_spec(d, ServingOptions()), d.artifact.path)
     server = entry.make_server(model, "127.0.0.1", 0)
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()

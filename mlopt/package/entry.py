@@ -62,7 +62,7 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ the model behind the server
-class Model:
+class ServedModel:
     """One loaded build; requests run one at a time (runtimes use their own threads)."""
 
     def __init__(self, spec: dict[str, Any], model_dir: Path | None = None):
@@ -132,7 +132,7 @@ def _tensor(name: str, value: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ HTTP
 class Handler(BaseHTTPRequestHandler):
-    model: Model
+    model: ServedModel
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt: str, *args: Any) -> None:  # quiet: probes call every few seconds
@@ -177,13 +177,13 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
 
 
-def make_server(model: Model, host: str, port: int) -> ThreadingHTTPServer:
+def make_server(model: ServedModel, host: str, port: int) -> ThreadingHTTPServer:
     """An HTTP server for ``model`` (port 0 picks a free port: see ``server.server_address``)."""
     handler = type("BoundHandler", (Handler,), {"model": model})
     return ThreadingHTTPServer((host, port), handler)
 
 
-def _check(model: Model) -> int:
+def _check(model: ServedModel) -> int:
     import numpy as np
 
     model.load()
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if refused:  # before anything loads: code for another CPU would die of SIGILL
         print(f"entry: {refused}", file=sys.stderr, flush=True)
         return isa.EXIT_CODE
-    model = Model(spec, args.model_dir)
+    model = ServedModel(spec, args.model_dir)
     if args.check:
         return _check(model)
     server = make_server(model, args.host, args.port if args.port is not None else int(spec.get("port", 8000)))
