@@ -3,8 +3,10 @@
 The same model, target and TVM version gave different libraries from one process to the next (4
 digests in 5 aarch64 builds of the digits example): the slots TVM's VM gives symbolic shapes follow
 the iteration order of maps keyed by object addresses, and those addresses follow everything the
-process did before, down to Python's string-hash seed. A fresh interpreter with a fixed seed
-(``PYTHONHASHSEED=0``) that does nothing but this compile makes the bytes a function of the inputs.
+process did before, Python's string-hash seed and the address-space randomisation. A fresh
+interpreter that does nothing but this compile, with a fixed seed (``PYTHONHASHSEED=0``) and without
+address randomisation (``personality(ADDR_NO_RANDOMIZE)``, what ``setarch -R`` does), makes the
+bytes a function of the inputs.
 It also keeps a compiler crash from taking the build down with it. Costs about 2 s (TVM is imported
 without torch, which it only needs for its PyTorch frontend).
 
@@ -37,10 +39,24 @@ def compile_isolated(onnx_path: Path, target_dict: dict[str, Any], dest: Path, m
                                    "dest": str(Path(dest).resolve()), "machine": machine, "result": str(result)}))
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         proc = subprocess.run([sys.executable, "-m", "mlopt.targets.tvm_isolated", str(job)], env=env,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, preexec_fn=_fixed_addresses)
         if not result.is_file():
             raise BackendUnavailable(f"TVM's compiler died ({_how(proc.returncode)}): {_tail(proc.stderr)}")
         _reraise(json.loads(result.read_text()))
+
+
+ADDR_NO_RANDOMIZE = 0x0040000  # linux/personality.h
+
+
+def _fixed_addresses() -> None:
+    """In the child, before it executes Python: turn address-space randomisation off for it (Linux's
+    personality(2); where the kernel refuses, the build still runs, its bytes possibly not fixed)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    current = libc.personality(0xFFFFFFFF)  # 0xffffffff queries without changing
+    if current != -1:
+        libc.personality(current | ADDR_NO_RANDOMIZE)
 
 
 def _how(code: int) -> str:
