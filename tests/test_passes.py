@@ -188,11 +188,96 @@ def test_search_keeps_fastest_inside_budget(tmp_path: Path) -> None:
                        search_space={"per_channel": [True, False], "keep_float": [0, 1], "precisions": []})
     new, details = get_pass("quantize")(model, cfg, ctx)
     cands = details["search"]["candidates"]
-    assert len(cands) == 4 and len(details["search"]["sensitivity"]) == 1
+    assert len(cands) == 5 and len(details["search"]["sensitivity"]) == 1
+    assert cands[0]["id"] == "fp32" and cands[0]["drop"] == 0  # the model as it came is a candidate too
     inside = [c for c in cands if c["within_budget"]]
     chosen = next(c for c in cands if c["chosen"])
     assert chosen["latency_ms"] == min(c["latency_ms"] for c in inside)
+    assert chosen["mode"] == "int8-dynamic" and "MatMulInteger" in _ops(new.onnx_path)
     assert any(c["pareto"] for c in cands)
+
+
+def _search_setup(tmp_path: Path, latency) -> tuple[Model, PassContext, QuantizePass]:
+    x, y = _digits()
+    flat = x.reshape(len(x), 64)
+    model = _model(_train(_mlp(), flat, y), tmp_path, ["batch", 64], flat)
+    evaluate = lambda p: float(np.mean(ingest.run_onnx(p, {"x": flat})["output"].argmax(-1) == y))  # noqa: E731
+    ctx = _ctx(tmp_path, flat, y, ["batch", 64], evaluate=evaluate, reference=evaluate(model.onnx_path),
+               max_drop=0.02, latency=latency)
+    cfg = QuantizePass(kind="quantize", mode="int8-dynamic", search=True,
+                       search_space={"per_channel": [True, False], "keep_float": [0], "precisions": []})
+    return model, ctx, cfg
+
+
+def test_search_records_a_failing_candidate_and_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlopt.passes import quantize
+
+    real = quantize._apply
+
+    def flaky(model, one, ctx, exclude, out):  # a quantizer that breaks on per-channel, as opset < 13 did
+        if one.per_channel:
+            raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Unrecognized attribute: axis")
+        return real(model, one, ctx, exclude, out)
+
+    monkeypatch.setattr(quantize, "_apply", flaky)
+    model, ctx, cfg = _search_setup(tmp_path, lambda p: 1.0 - 0.1 * _ops(p).count("MatMulInteger"))
+    new, details = get_pass("quantize")(model, cfg, ctx)
+    cands = {c["id"]: c for c in details["search"]["candidates"]}
+    assert "INVALID_GRAPH" in cands[0]["failed"] and "accuracy" not in cands[0] and not cands[0]["chosen"]
+    assert cands[1]["chosen"] and cands[1]["per_channel"] is False
+    assert "MatMulInteger" in _ops(new.onnx_path)
+
+
+def test_search_ships_fp32_when_no_int8_candidate_is_faster(tmp_path: Path) -> None:
+    model, ctx, cfg = _search_setup(tmp_path, lambda p: 1.0 + _ops(p).count("MatMulInteger"))
+    new, details = get_pass("quantize")(model, cfg, ctx)
+    assert details["search"]["chosen"] == "fp32" and details["mode"] == "fp32"
+    assert "MatMulInteger" not in _ops(new.onnx_path)
+    feed = {"x": np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)}
+    np.testing.assert_array_equal(ingest.run_onnx(new.onnx_path, feed)["output"],
+                                  ingest.run_onnx(model.onnx_path, feed)["output"])
+
+
+def _opset11_cnn(path: Path) -> None:
+    """A small CNN as an old exporter wrote it: opset 11, Conv/Relu/pool/Gemm, weights from a seed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32) * 0.5, "w")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "b")
+    fw = numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32) * 0.5, "fw")
+    fb = numpy_helper.from_array(np.zeros(10, np.float32), "fb")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10])],
+                              [w, b, fw, fb])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=7), str(path))
+
+
+def test_a_model_below_opset_13_is_upgraded_and_quantized_per_channel(tmp_path: Path) -> None:
+    import onnx
+
+    from mlopt.passes.quantize import onnx_opset
+
+    _opset11_cnn(tmp_path / "old.onnx")
+    model = ingest.read_onnx(tmp_path / "old.onnx", [], "old")
+    x, y = _digits()
+    logs: list[str] = []
+    ctx = _ctx(tmp_path, x, y, ["batch", 1, 8, 8], log=logs.append)
+    new, details = get_pass("quantize")(model, QuantizePass(kind="quantize"), ctx)
+    assert onnx_opset(new.onnx_path) >= 13 and details["per_channel"] is True and details["opset"] >= 13
+    onnx.checker.check_model(str(new.onnx_path))
+    axes = [a.i for n in onnx.load(str(new.onnx_path)).graph.node if n.op_type == "DequantizeLinear"
+            for a in n.attribute if a.name == "axis"]
+    assert axes, "per-channel scales carry DequantizeLinear's axis (opset 13)"
+    assert any("converted from opset 11 to 13" in line for line in logs)
+    want, got = ingest.run_onnx(model.onnx_path, {"x": x[:64]})["output"], ingest.run_onnx(new.onnx_path, {"x": x[:64]})["output"]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
 # ------------------------------------------------------------------ prune and distill

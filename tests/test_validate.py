@@ -38,7 +38,8 @@ def test_every_backend_and_the_passes_are_in_the_table() -> None:
 def test_reduced_precision_builds_get_an_atol_scaled_by_the_outputs(precision: str, kinds: str, frac: float) -> None:
     tol = tolerance("onnxruntime", precision, False, REF)
     assert tol.atol == pytest.approx(frac * 8) and tol.rtol == 1e-3
-    assert tol.why == f"{kinds} build: atol {frac:g} x max|reference| (8)"
+    assert tol.why.startswith(f"{kinds} build: atol {frac:g} x max|reference| (8), or relative L2 error at most {frac:g}")
+    assert tol.rel_l2 == frac
 
 
 def test_a_quantized_model_is_int8_whatever_the_build_reports() -> None:
@@ -94,3 +95,22 @@ def test_not_implemented_is_onnx_runtimes_exception_type(tmp_path: Path) -> None
     onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), str(tmp_path / "bf16.onnx"))
     with pytest.raises(ort_not_implemented(), match="NOT_IMPLEMENTED"):
         onnx_runner(tmp_path / "bf16.onnx", optimize=True)
+
+
+def test_reduced_precision_passes_on_relative_l2_but_not_with_an_outlier_or_a_broken_layout() -> None:
+    rng = np.random.default_rng(0)
+    ref = {"y": rng.standard_normal((4, 500)) * 2}
+    tol = tolerance("onnxruntime", "int8", False, ref)
+    noisy = {"y": ref["y"] + rng.standard_normal((4, 500)) * 0.04}  # 2% rounding noise, some elements past atol
+    noisy["y"][0, 0] = ref["y"][0, 0] + 1.5 * tol.atol
+    assert not np.allclose(noisy["y"], ref["y"], atol=tol.atol, rtol=tol.rtol)
+    assert validate.check_close(ref, noisy, tol.atol, tol.rtol, "b", tol.rel_l2) == pytest.approx(1.5 * tol.atol)
+    outlier = {"y": noisy["y"].copy()}
+    outlier["y"][1, 1] += 5 * tol.atol  # one element far off: a wrong kernel, not rounding
+    with pytest.raises(ValidationMismatch, match="relative L2 error"):
+        validate.check_close(ref, outlier, tol.atol, tol.rtol, "b", tol.rel_l2)
+    transposed = {"y": ref["y"].reshape(500, 4).T.copy()}  # a layout bug: same values, wrong places
+    with pytest.raises(ValidationMismatch):
+        validate.check_close(ref, transposed, tol.atol, tol.rtol, "b", tol.rel_l2)
+    with pytest.raises(ValidationMismatch):  # float builds keep the elementwise rule alone
+        validate.check_close(ref, noisy, 1e-4, 1e-3, "b")

@@ -153,7 +153,7 @@ def _request(t: Target) -> BuildRequest:
     return BuildRequest(model=t.model, sku=t.sku, threads=t.threads, tuning_trials=recipe.tuning.trials,
                         tuning_timeout_s=recipe.tuning.timeout_s, tuning_dir=t.run.store.root / "tuning",
                         batch_axis=recipe.model.batch_axis, dims=recipe.benchmark.dims,
-                        batch_sizes=tuple(recipe.benchmark.batch_sizes), device_present=t.avail.run)
+                        batch_sizes=tuple(t.run.batch_sizes), device_present=t.avail.run)
 
 
 def _info(t: Target, out: BuildOutput, validation: Validation, seconds: float) -> BuildInfo:
@@ -173,7 +173,7 @@ def _validate(t: Target, files: Path, meta: dict[str, Any]) -> Validation:
 
 def _measure(t: Target, art: Artifact, reference: Reference) -> Measurement:
     run, backend, threads = t.run, t.backend, t.threads
-    plan = run.recipe.benchmark.model_copy(update={"threads": threads})
+    plan = run.recipe.benchmark.model_copy(update={"threads": threads, "batch_sizes": run.batch_sizes})
     host = detect.host()
     key = key_of({"artifact": art.key, "host": host, "plan": plan.model_dump(), "eval": run.data_key("evaluation"),
                   "memory": MEMORY_METHOD})

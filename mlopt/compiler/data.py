@@ -11,7 +11,7 @@ import numpy as np
 
 from mlopt.core.callables import load_callable
 from mlopt.core.errors import AccuracyError, BadInput
-from mlopt.core.spec import InputSpec
+from mlopt.core.spec import InputSpec, fixed_batch, row_axes
 from mlopt.recipes.schema import DataSource, Evaluation
 
 
@@ -27,15 +27,18 @@ class Batches:
         return len(self.feeds)
 
 
-def load_batches(src: DataSource, inputs: Iterable[InputSpec]) -> Batches:
-    """Read a data source into memory and check each batch against the input signature."""
+def load_batches(src: DataSource, inputs: Iterable[InputSpec], batch_name: str = "batch") -> Batches:
+    """Read a data source into memory and check each batch against the input signature. An .npz is cut
+    along each input's batch axis (``row_axes``), in batches of the model's fixed batch size if it has one."""
     specs = list(inputs)
-    raw = _npz_batches(src) if src.source.endswith(".npz") else _fn_batches(src)
+    axes = row_axes(specs, batch_name)
+    size = fixed_batch(specs, batch_name) or src.batch_size
+    raw = _npz_batches(src, axes, size) if src.source.endswith(".npz") else _fn_batches(src)
     feeds, labels = [], []
     for k, batch in enumerate(raw):
         if src.max_batches is not None and k >= src.max_batches:
             break
-        feed, lab = _split(batch, specs, src.source, k)
+        feed, lab = _split(batch, specs, axes, src.source, k)
         feeds.append(feed)
         if lab is not None:
             labels.append(lab)
@@ -45,7 +48,7 @@ def load_batches(src: DataSource, inputs: Iterable[InputSpec]) -> Batches:
     return Batches(feeds, lab_arr, _digest(feeds, lab_arr))
 
 
-def _npz_batches(src: DataSource) -> Iterable[dict[str, np.ndarray]]:
+def _npz_batches(src: DataSource, axes: dict[str, int | None], size: int) -> Iterable[dict[str, np.ndarray]]:
     path = Path(src.source)
     if not path.is_file():
         raise BadInput(f"data file {path} does not exist")
@@ -53,9 +56,14 @@ def _npz_batches(src: DataSource) -> Iterable[dict[str, np.ndarray]]:
         arrays = dict(np.load(path, allow_pickle=False))
     except Exception as e:
         raise BadInput(f"data file {path} is not a readable .npz: {e}") from None
-    n = min(len(a) for a in arrays.values())
-    for start in range(0, n, src.batch_size):
-        yield {k: v[start:start + src.batch_size] for k, v in arrays.items()}
+    cut = {k: axes.get(k, 0) for k, v in arrays.items() if v.ndim > 0 and axes.get(k, 0) is not None}
+    if not cut:  # nothing has a batch axis: the file is one batch
+        yield arrays
+        return
+    n = min(arrays[k].shape[ax] for k, ax in cut.items())
+    for start in range(0, n, size):
+        rows = np.arange(start, min(start + size, n))
+        yield {k: (np.take(v, rows, axis=cut[k]) if k in cut else v) for k, v in arrays.items()}
 
 
 def _fn_batches(src: DataSource) -> Iterable[dict[str, np.ndarray]]:
@@ -79,7 +87,8 @@ def _cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _split(batch: Any, specs: list[InputSpec], where: str, k: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def _split(batch: Any, specs: list[InputSpec], axes: dict[str, int | None], where: str,
+           k: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     if not isinstance(batch, dict):
         raise BadInput(f"data source {where}: batch {k} is a {type(batch).__name__}, expected a dict of arrays")
     missing = [s.name for s in specs if s.name not in batch]
@@ -89,7 +98,7 @@ def _split(batch: Any, specs: list[InputSpec], where: str, k: int) -> tuple[dict
     labels = batch.get("labels")
     if labels is None:
         return feed, None
-    labels, rows = np.asarray(labels), len(next(iter(feed.values())))
+    labels, rows = np.asarray(labels), next((feed[n].shape[ax] for n, ax in axes.items() if ax is not None), 1)
     if labels.ndim == 0 or len(labels) != rows:
         raise BadInput(f"data source {where}: batch {k} has {labels.size if labels.ndim == 0 else len(labels)} "
                        f"labels for {rows} rows", hint="yield one label per row of the batch")
@@ -130,7 +139,14 @@ Outputs = dict[str, np.ndarray]
 
 
 def concat_outputs(per_batch: list[Outputs]) -> Outputs:
-    return {name: np.concatenate([b[name] for b in per_batch]) for name in per_batch[0]}
+    """Each output over all batches: rows stacked, or (an output whose other axes vary between batches,
+    such as a recurrent state with its batch on axis 1) each batch's values flattened and joined."""
+    out = {}
+    for name in per_batch[0]:
+        parts = [np.asarray(b[name]) for b in per_batch]
+        same = all(p.ndim > 0 and p.shape[1:] == parts[0].shape[1:] for p in parts)
+        out[name] = np.concatenate(parts) if same else np.concatenate([p.reshape(1, -1) for p in parts], axis=1)
+    return out
 
 
 def score(ev: Evaluation, outputs: Outputs, labels: np.ndarray | None, reference: Outputs | None) -> float:

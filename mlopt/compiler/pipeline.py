@@ -250,7 +250,7 @@ def _onnx_latency(run: Run, path: Path) -> float:
     plan = run.recipe.benchmark
     quick = plan.model_copy(update={"warmup": 2, "runs": 7})
     runner = onnx_runner(path, plan.threads, optimize=True)
-    return geomean([statistics.median(time_runner(runner, run.sample_feed(b), quick)) for b in plan.batch_sizes])
+    return geomean([statistics.median(time_runner(runner, run.sample_feed(b), quick)) for b in run.batch_sizes])
 
 
 def _pass_context(run: Run, work: Path, reference: Reference) -> PassContext:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mlopt.core.spec import InputSpec
+from mlopt.core.spec import InputSpec, fixed_batch, row_axes
 from mlopt.core.util import Log
 from mlopt.compiler.data import Batches, concat_outputs, load_batches, score
 from mlopt.compiler.feeds import random_feed
@@ -63,23 +63,48 @@ class Run:
     @cached_property
     def evaluation(self) -> Batches | None:
         ev = self.recipe.data.evaluation
-        return load_batches(ev, self.inputs) if ev else None
+        return load_batches(ev, self.inputs, self.recipe.model.batch_axis) if ev else None
 
     @cached_property
     def calibration(self) -> Batches | None:
         cal = self.recipe.data.calibration
-        return load_batches(cal, self.inputs) if cal else None
+        return load_batches(cal, self.inputs, self.recipe.model.batch_axis) if cal else None
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The benchmark's batch sizes, or the one a model with a fixed batch takes."""
+        fixed = fixed_batch(self.inputs, self.recipe.model.batch_axis)
+        return [fixed] if fixed is not None else list(self.recipe.benchmark.batch_sizes)
 
     def sample_feed(self, batch: int) -> dict[str, np.ndarray]:
-        """A feed of ``batch`` rows: real evaluation rows where shapes allow, else seeded random."""
-        plan = self.recipe.benchmark
-        shapes = {i.name: i.concrete({**plan.dims, self.recipe.model.batch_axis: batch}) for i in self.inputs}
+        """A feed of ``batch`` rows (the model's own batch where it is fixed): real evaluation rows
+        where shapes allow, else seeded random."""
+        name = self.recipe.model.batch_axis
+        batch = fixed_batch(self.inputs, name) or batch
+        shapes = {i.name: i.concrete({**self.recipe.benchmark.dims, name: batch}) for i in self.inputs}
         if self.evaluation is not None:
-            first = self.evaluation.feeds[0]
-            if all(first[n].shape[1:] == s[1:] for n, s in shapes.items()):
-                reps = math.ceil(batch / len(next(iter(first.values()))))
-                return {n: np.ascontiguousarray(np.concatenate([first[n]] * reps)[:batch]) for n in shapes}
+            tiled = _tiled(self.evaluation.feeds[0], shapes, row_axes(self.inputs, name), batch)
+            if tiled is not None:
+                return tiled
         return random_feed(self.inputs, shapes)
+
+
+def _tiled(first: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], axes: dict[str, int | None],
+           batch: int) -> dict[str, np.ndarray] | None:
+    """``first``'s rows repeated to ``batch`` along each input's batch axis; None where a shape differs."""
+    out = {}
+    for n, shape in shapes.items():
+        arr, ax = first[n], axes.get(n)
+        if ax is None:
+            if arr.shape != shape:
+                return None
+            out[n] = arr
+            continue
+        if arr.ndim != len(shape) or np.delete(arr.shape, ax).tolist() != np.delete(shape, ax).tolist():
+            return None
+        reps = math.ceil(batch / arr.shape[ax])
+        out[n] = np.ascontiguousarray(np.take(np.concatenate([arr] * reps, axis=ax), np.arange(batch), axis=ax))
+    return out
 
 
 @dataclass(frozen=True)

@@ -66,10 +66,10 @@ class AccuracyError(MloptError):
 class ValidationMismatch(AccuracyError):
     """A lowered model's outputs differ from the reference beyond the backend's tolerance."""
 
-    def __init__(self, output: str, max_abs_diff: float, atol: float, rtol: float, where: str):
+    def __init__(self, output: str, max_abs_diff: float, atol: float, rtol: float, where: str, note: str = ""):
         super().__init__(
             f"{where}: output {output!r} differs from the reference by {max_abs_diff:.3g} "
-            f"(tolerance atol={atol:g}, rtol={rtol:g})",
+            f"(tolerance atol={atol:g}, rtol={rtol:g}{note})",
             hint="run with --debug to see the failing comparison; report the model and backend",
         )
         self.output = output

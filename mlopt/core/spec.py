@@ -53,3 +53,23 @@ class InputSpec(Strict):
             return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
         except KeyError as e:
             raise ValueError(f"input {self.name!r}: no value for dynamic axis {e.args[0]!r}") from None
+
+
+def row_axes(inputs: list[InputSpec] | tuple[InputSpec, ...], batch_name: str) -> dict[str, int | None]:
+    """Each input's batch (row) axis: where the dynamic axis ``batch_name`` sits in its shape (axis 1 of a
+    recurrent state ``[layers, batch, hidden]``), None for an input without it (a rank-0 sample rate, a
+    fixed-shape state): such an input goes whole with every batch. A model without that axis anywhere
+    has a fixed batch: axis 0 of the inputs that share the first input's leading dimension."""
+    if any(batch_name in i.shape for i in inputs):
+        return {i.name: (i.shape.index(batch_name) if batch_name in i.shape else None) for i in inputs}
+    lead = next((i.shape[0] for i in inputs if i.shape), None)
+    return {i.name: (0 if i.shape and i.shape[0] == lead else None) for i in inputs}
+
+
+def fixed_batch(inputs: list[InputSpec] | tuple[InputSpec, ...], batch_name: str) -> int | None:
+    """The batch size a model without the dynamic axis ``batch_name`` takes (its first input's fixed
+    leading dimension; 1 for rank-0 inputs only); None where the batch is dynamic."""
+    if any(batch_name in i.shape for i in inputs):
+        return None
+    lead = next((i.shape[0] for i in inputs if i.shape), 1)
+    return lead if isinstance(lead, int) else None

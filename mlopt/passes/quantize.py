@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 STATIC_OPS = ["Conv", "MatMul", "Gemm", "Relu", "Clip", "MaxPool", "GlobalAveragePool", "AveragePool"]
 DYNAMIC_OPS = ["MatMul", "Gemm"]
 CONV_SHARE_LIMIT = 0.5  # int8-dynamic is refused when convolutions hold more of the weights than this
+QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (their axis attribute) need opset 13
 
 
 class QuantSearch(Strict):
@@ -98,14 +99,74 @@ def _apply(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str]
 
 
 def _preprocessed(model: Model, ctx: PassContext) -> Path:
-    """quant_pre_process (shape inference, graph clean-up) once per pass."""
+    """quant_pre_process (shape inference, graph clean-up) once per pass, on the model at opset 13 or newer."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = ctx.workdir / "preprocessed.onnx"
     if not pre.exists():
+        source = upgraded_opset(model.onnx_path, ctx)
         with scratch_cwd():
-            quant_pre_process(str(model.onnx_path.resolve()), str(pre.resolve()), skip_symbolic_shape=True)
+            quant_pre_process(str(source.resolve()), str(pre.resolve()), skip_symbolic_shape=True)
     return pre
+
+
+def onnx_opset(path: Path) -> int:
+    """The default-domain opset of an ONNX file."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def upgraded_opset(path: Path, ctx: PassContext) -> Path:
+    """``path`` itself at opset 13 or newer; below that, the model converted to opset 13 by
+    ``onnx.version_converter`` and checked numerically against the original (QDQ's per-channel
+    ``axis`` needs 13: ONNX Runtime writes it, and an older graph is then invalid). A conversion that
+    fails or changes the outputs keeps the original, and per-channel is then refused (``_per_channel``)."""
+    import numpy as np
+    import onnx
+    from onnx import version_converter
+
+    if onnx_opset(path) >= QDQ_OPSET:
+        return path
+    out = ctx.workdir / f"opset{QDQ_OPSET}.onnx"
+    if out.exists():
+        return out
+    try:
+        proto = version_converter.convert_version(onnx.load(str(path)), QDQ_OPSET)
+        onnx.save(proto, str(out))
+        feed = _probe_feed(path, ctx)
+        want, got = _run_onnx(path, feed), _run_onnx(out, feed)
+        bad = [k for k in want if not np.allclose(got[k], want[k], rtol=1e-4, atol=1e-5, equal_nan=True)]
+        if bad:
+            raise ValueError(f"outputs {bad} changed")
+    except Exception as e:  # the converter's own errors are many and untyped: any of them keeps the original
+        out.unlink(missing_ok=True)
+        ctx.log(f"[quantize] opset {onnx_opset(path)} -> {QDQ_OPSET} conversion not used ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160] if str(e) else ''}); per-tensor scales only")
+        return path
+    ctx.log(f"[quantize] model converted from opset {onnx_opset(path)} to {QDQ_OPSET} (outputs checked)")
+    return out
+
+
+def _probe_feed(path: Path, ctx: PassContext) -> dict[str, np.ndarray]:
+    """The first calibration batch, or zeros of the model's own static input shapes (dynamic dims 1)."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    if ctx.calibration is not None:
+        return ctx.calibration.feeds[0]
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in proto.graph.initializer}
+    feed = {}
+    for i in proto.graph.input:
+        if i.name in inits:
+            continue
+        t = i.type.tensor_type
+        shape = [d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim]
+        feed[i.name] = np.zeros(shape, helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return feed
 
 
 class _Reader:
@@ -133,17 +194,23 @@ def _static(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str
               "percentile": CalibrationMethod.Percentile}[cfg.calibration]
     cache = ctx.workdir / f"calibration-{cfg.calibration}-{'-'.join(sorted(ops))}.json"
     pre = _preprocessed(model, ctx)
+    per_channel = _per_channel(cfg.per_channel, pre)
     thin = thin_convs(pre, cfg.float_input_channels)
     exclude = sorted(set(exclude) | set(thin))
     with scratch_cwd():
         quantize_static(
             str(pre.resolve()), str(out.resolve()), _Reader(feeds), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=ops, per_channel=cfg.per_channel, activation_type=QuantType.QUInt8,
+            op_types_to_quantize=ops, per_channel=per_channel, activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8, nodes_to_exclude=exclude, calibrate_method=method,
             calibration_cache_path=str(cache.resolve()), extra_options={"CalibMovingAverage": cfg.calibration == "minmax"},
         )
-    return {"per_channel": cfg.per_channel, "calibration": cfg.calibration, "calibration_batches": len(feeds),
-            "op_types": ops, "thin_convs_in_float": thin}
+    return {"per_channel": per_channel, "calibration": cfg.calibration, "calibration_batches": len(feeds),
+            "op_types": ops, "thin_convs_in_float": thin, "opset": onnx_opset(pre)}
+
+
+def _per_channel(wanted: bool, pre: Path) -> bool:
+    """Per-channel scales where asked and the graph's opset allows them (13: DequantizeLinear's axis)."""
+    return wanted and onnx_opset(pre) >= QDQ_OPSET
 
 
 def thin_convs(path: Path, max_channels: int) -> list[str]:
@@ -170,10 +237,11 @@ def _dynamic(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[st
             hint="use mode: int8-static (QDQ) for convolutional models",
         )
     pre = _preprocessed(model, ctx)
+    per_channel = _per_channel(cfg.per_channel, pre)
     with scratch_cwd():
         quantize_dynamic(str(pre.resolve()), str(out.resolve()), weight_type=QuantType.QInt8,
-                         per_channel=cfg.per_channel, op_types_to_quantize=ops, nodes_to_exclude=exclude)
-    return {"per_channel": cfg.per_channel, "op_types": ops, "conv_weight_share": round(share, 4)}
+                         per_channel=per_channel, op_types_to_quantize=ops, nodes_to_exclude=exclude)
+    return {"per_channel": per_channel, "op_types": ops, "conv_weight_share": round(share, 4)}
 
 
 def _weight_only(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str], out: Path) -> dict[str, Any]:
@@ -296,13 +364,16 @@ def _counts(path: Path) -> dict[str, Any]:
 
 
 def _search(model: Model, cfg: QuantizePass, ctx: PassContext) -> tuple[Path, dict[str, Any]]:
+    """Every candidate of the space, and the model as it came (fp32) beside them; a candidate that fails is
+    recorded with its reason and skipped. The fastest inside the budget wins, fp32 included."""
     if ctx.evaluate is None or ctx.reference is None or ctx.latency is None:
         raise BadInput("quantize search: true needs data.evaluation to judge candidates")
     space = cfg.search_space
     t0 = time.perf_counter()
     ranking = _sensitivity(model, cfg, ctx) if max(space.keep_float) > 0 else []
+    candidates = [_judge(ctx, {"id": "fp32", "mode": "fp32", "per_channel": None, "calibration": None,
+                               "kept_float": None}, model.onnx_path)]
     base = {**cfg.model_dump(), "search": False}
-    candidates: list[dict[str, Any]] = []
     for k, (mode, pc, calib, keep) in enumerate(_space(cfg)):
         if k >= space.max_candidates:
             break
@@ -311,27 +382,53 @@ def _search(model: Model, cfg: QuantizePass, ctx: PassContext) -> tuple[Path, di
         one = QuantizePass.model_validate({**base, "mode": mode, "per_channel": pc, "calibration": calib})
         out = ctx.workdir / f"candidate-{k}.onnx"
         exclude = sorted(set(cfg.exclude_nodes) | set(ranking[:keep]))
-        _apply(model, one, ctx, exclude, out)
-        acc, lat = ctx.evaluate(out), ctx.latency(out)
         cand = {"id": k, "mode": mode, "per_channel": pc, "calibration": calib if mode == "int8-static" else None,
-                "kept_float": keep, "accuracy": round(acc, 5), "drop": round(ctx.reference - acc, 5),
-                "latency_ms": round(lat, 4), "within_budget": ctx.reference - acc <= ctx.max_drop + 1e-12}
-        candidates.append(cand)
-        ctx.log(f"[quantize] candidate {k}: {mode} per_channel={pc} calib={cand['calibration']} keep_float={keep}"
-                f" -> accuracy {acc:.4f}, {lat:.2f} ms")
+                "kept_float": keep}
+        candidates.append(_judge(ctx, cand, out, lambda: _apply(model, one, ctx, exclude, out)))
     chosen = _pick(candidates)
     for c in candidates:
         c["chosen"] = c is chosen
-        c["pareto"] = not any(o["latency_ms"] < c["latency_ms"] and o["accuracy"] >= c["accuracy"] for o in candidates)
+        c["pareto"] = "failed" not in c and not any(
+            "failed" not in o and o["latency_ms"] < c["latency_ms"] and o["accuracy"] >= c["accuracy"] for o in candidates)
     ctx.log(_table(candidates, ctx.reference))
     final = ctx.workdir / "model.onnx"
-    (ctx.workdir / f"candidate-{chosen['id']}.onnx").rename(final)
+    _keep(model.onnx_path if chosen["id"] == "fp32" else ctx.workdir / f"candidate-{chosen['id']}.onnx", final)
     for p in ctx.workdir.glob("candidate-*.onnx"):
         p.unlink()
     details = {"search": {"candidates": candidates, "sensitivity": ranking[: max(space.keep_float)],
                           "seconds": round(time.perf_counter() - t0, 1), "chosen": chosen["id"]},
                "mode": chosen["mode"], **_counts(final)}
     return final, details
+
+
+def _judge(ctx: PassContext, cand: dict[str, Any], path: Path, make: Any = None) -> dict[str, Any]:
+    """``cand`` with its accuracy, drop and latency (``make`` writes ``path`` first), or with the reason it
+    failed: a quantizer or runtime error in one candidate never ends the search."""
+    assert ctx.evaluate is not None and ctx.latency is not None and ctx.reference is not None
+    try:
+        if make is not None:
+            make()
+        acc, lat = ctx.evaluate(path), ctx.latency(path)
+    except BadInput:
+        raise  # the recipe's own fault (no calibration data ...): every candidate would fail alike
+    except Exception as e:  # ONNX Runtime's and the quantizer's errors are many and untyped
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        ctx.log(f"[quantize] candidate {cand['id']} ({cand['mode']}) failed: {reason}")
+        return {**cand, "failed": reason}
+    ctx.log(f"[quantize] candidate {cand['id']}: {cand['mode']} per_channel={cand['per_channel']} "
+            f"calib={cand['calibration']} keep_float={cand['kept_float']} -> accuracy {acc:.4f}, {lat:.2f} ms")
+    return {**cand, "accuracy": round(acc, 5), "drop": round(ctx.reference - acc, 5), "latency_ms": round(lat, 4),
+            "within_budget": ctx.reference - acc <= ctx.max_drop + 1e-12}
+
+
+def _keep(src: Path, final: Path) -> None:
+    """The chosen candidate as the pass's output (the fp32 model is written anew, its weights inline)."""
+    import onnx
+
+    if src.parent == final.parent:
+        src.rename(final)
+    else:
+        onnx.save(onnx.load(str(src)), str(final))
 
 
 def _space(cfg: QuantizePass) -> list[tuple[str, bool, str, int]]:
@@ -347,10 +444,13 @@ def _space(cfg: QuantizePass) -> list[tuple[str, bool, str, int]]:
 
 def _pick(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     """The fastest candidate inside the budget; failing that, the most accurate (the gate then judges it)."""
-    inside = [c for c in candidates if c["within_budget"]]
+    judged = [c for c in candidates if "failed" not in c]
+    if not judged:
+        raise BadInput("quantize search: every candidate failed, the fp32 model too: " + candidates[0]["failed"])
+    inside = [c for c in judged if c["within_budget"]]
     if inside:
         return min(inside, key=lambda c: c["latency_ms"])
-    return max(candidates, key=lambda c: c["accuracy"])
+    return max(judged, key=lambda c: c["accuracy"])
 
 
 def _sensitivity(model: Model, cfg: QuantizePass, ctx: PassContext) -> list[str]:
@@ -393,9 +493,12 @@ def _cos_error(a: np.ndarray, b: np.ndarray) -> float:
 
 def _table(cands: list[dict[str, Any]], reference: float) -> str:
     lines = [f"[quantize] search: {len(cands)} candidates (reference {reference:.4f}); * chosen, p Pareto-optimal",
-             "  id  mode          per_ch  calib       float  accuracy   drop     ms"]
-    for c in sorted(cands, key=lambda c: c["latency_ms"]):
+             "   id  mode          per_ch  calib       float  accuracy   drop     ms"]
+    for c in sorted(cands, key=lambda c: c.get("latency_ms", float("inf"))):
         mark = ("*" if c["chosen"] else " ") + ("p" if c["pareto"] else " ")
-        lines.append(f"{mark}{c['id']:>3}  {c['mode']:<12}  {str(c['per_channel']):<6}  {str(c['calibration']):<10}"
-                     f"  {c['kept_float']:>5}  {c['accuracy']:.4f}  {c['drop']:+.4f}  {c['latency_ms']:7.2f}")
+        head = (f"{mark}{c['id']:>4}  {c['mode']:<12}  {str(c['per_channel']):<6}  {str(c['calibration']):<10}"
+                f"  {str(c['kept_float']):>5}  ")
+        tail = (f"failed: {c['failed'][:60]}" if "failed" in c else
+                f"{c['accuracy']:.4f}  {c['drop']:+.4f}  {c['latency_ms']:7.2f}")
+        lines.append(head + tail)
     return "\n".join(lines)
