@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import HOST
@@ -284,9 +285,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _check_copied_repository(folder: Path, d: Deployable, tmp: Path) -> None:
-    """``cp -r`` the model folder elsewhere: its config parses as Triton's ModelConfig and every
-    model file is a regular file (no symlink) with the artifact's recorded digest."""
+def _check_copied_repository(folder: Path, d: Deployable, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cp -r`` the model folder elsewhere: its config parses as Triton's ModelConfig, every model
+    file is a regular file (no symlink) with the artifact's recorded digest, and the copy still runs
+    the model the way its Triton backend would load it."""
     copy = tmp / "copied"
     subprocess.run(["cp", "-r", str(folder), str(copy)], check=True)
     c = triton.validate((copy / "config.pbtxt").read_text())
@@ -300,16 +302,49 @@ def _check_copied_repository(folder: Path, d: Deployable, tmp: Path) -> None:
         assert got.is_file() and not got.is_symlink()
         assert _sha256(got) == files[src.name]["sha256"]
     assert not [p for p in copy.rglob("*") if p.is_symlink()]
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    out = _run_copied(copy, c, x, monkeypatch)
+    assert out.shape == (3, 10) and np.isfinite(out).all()
 
 
-def test_one_backend_manifest_exports_a_triton_repository(only: Path, tmp_path: Path) -> None:
+def _run_copied(copy: Path, c: object, x: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+    """One batch through the copied repository: OpenVINO reads ``default_model_filename``; the Python
+    backend's model.py runs with a stand-in for the module Triton injects (triton_python_backend_utils)."""
+    if c.backend == "openvino":
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(copy / "1" / c.default_model_filename), "CPU")
+        return np.asarray(compiled({"x": x})[compiled.output(0)])
+    import importlib.util
+    import types
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.get_input_tensor_by_name = lambda req, name: types.SimpleNamespace(as_numpy=lambda: req[name])
+    pb.Tensor = lambda name, value: (name, value)
+    pb.InferenceResponse = lambda output_tensors: dict(output_tensors)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.syspath_prepend(str(copy / "1"))
+    for name in [m for m in sys.modules if m == "mlopt_entry" or m.startswith("mlopt_runtime")]:
+        monkeypatch.delitem(sys.modules, name)  # the copy's own entry point and loaders, not a cached one
+    spec = importlib.util.spec_from_file_location("copied_triton_model", copy / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({"model_repository": str(copy), "model_version": "1"})
+    [out] = model.execute([{"x": x}])
+    return out[c.output[0].name]
+
+
+def test_one_backend_manifest_exports_a_triton_repository(only: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     res = runner.invoke(app, ["export", "triton", str(only), "--out", str(tmp_path / "triton")])
     assert res.exit_code == 0, res.output
     [d] = _deployables(only, only.parent.parent / "store")
-    _check_copied_repository(tmp_path / "triton" / d.sku.name / d.model.name, d, tmp_path)
+    _check_copied_repository(tmp_path / "triton" / d.sku.name / d.model.name, d, tmp_path, monkeypatch)
 
 
-def test_one_backend_manifest_builds_an_image_with_a_real_triton_repository(only: Path, tmp_path: Path) -> None:
+def test_one_backend_manifest_builds_an_image_with_a_real_triton_repository(only: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     require_tools()
     base = make_base_layout(tmp_path / "base")
     res = runner.invoke(app, ["image", "build", str(only), "--out", str(tmp_path / "image"),
@@ -322,7 +357,7 @@ def test_one_backend_manifest_builds_an_image_with_a_real_triton_repository(only
     bundle = umoci_unpack(tmp_path / "image" / "oci", f"v1-{d.sku.name}", tmp_path / "bundle")
     config = json.loads((tmp_path / "bundle" / "config.json").read_text())
     assert config["process"]["user"]["uid"] == RUN_AS
-    _check_copied_repository(bundle / "opt/mlopt/serving/triton" / d.model.name, d, tmp_path)
+    _check_copied_repository(bundle / "opt/mlopt/serving/triton" / d.model.name, d, tmp_path, monkeypatch)
 
 
 def test_a_failed_export_leaves_no_folder(only: Path, tmp_path: Path) -> None:
