@@ -147,8 +147,10 @@ def final_model(d: Deployable) -> Path | None:
             step = json.loads(meta.read_text())
         except (OSError, ValueError):
             continue
-        candidate = meta.parent / str(step.get("file", "model.onnx")) if isinstance(step, dict) else None
-        if step.get("digest") == digest and candidate and candidate.is_file() and file_digest(candidate) == digest:
+        if not isinstance(step, dict) or step.get("digest") != digest:
+            continue
+        candidate = meta.parent / Path(str(step.get("file", "model.onnx"))).name  # a file of the step itself
+        if candidate.is_file() and file_digest(candidate) == digest:
             return candidate
     source = Path(d.model.source)
     return source if source.suffix == ".onnx" and source.is_file() and file_digest(source) == digest else None
