@@ -164,9 +164,9 @@ def _kube_command(kind: str, doc: str) -> Any:
                 replicas: Optional[int] = typer.Option(None, "--replicas", min=0),
                 k8s_version: Optional[str] = typer.Option(None, "--k8s-version", help="Validate for this Kubernetes."),
                 pull_secrets: list[str] = typer.Option(
-                    [], "--pull-secret", help="imagePullSecrets entry (a Secret's name); repeat for several."),
+                    [], "--pull-secret", metavar="NAME", help="imagePullSecrets entry (a Secret's name); repeat for several."),
                 engine_cache_claim: Optional[str] = typer.Option(
-                    None, "--engine-cache-claim",
+                    None, "--engine-cache-claim", metavar="CLAIM",
                     help="PersistentVolumeClaim for on-device engine caches (default: an emptyDir per pod)."),
                 grace_seconds: int = typer.Option(30, "--grace-seconds", min=1,
                                                   help="terminationGracePeriodSeconds: time to drain on SIGTERM."),
