@@ -98,6 +98,7 @@ def test_every_sku_gets_an_image_with_labels_and_entry_point(images: Path, digit
     assert labels["org.opencontainers.image.base.digest"] == recorded[HOST].base_digest
     assert labels["base.label"] == "kept" and manifest["annotations"]["dev.mlopt.backend"] == art.meta["backend"]
     assert config["config"]["Entrypoint"] == ["python3", "/opt/mlopt/entry.py"]
+    assert config["config"]["User"] == "65532:65532"  # not root
     assert "BASE=1" in config["config"]["Env"] and len(config["rootfs"]["diff_ids"]) == 3
     dockerfile = (images / "context" / X86 / "Dockerfile").read_text()
     assert "FROM ${BASE_IMAGE}" in dockerfile and "COPY model/ /opt/mlopt/model/" in dockerfile
@@ -148,8 +149,9 @@ def test_push_inspect_and_unpack(images: Path, manifest: Path, reg: str, digits_
     from mlopt.package.triton import validate
 
     validate((rootfs / "opt/mlopt/serving/triton/digits-cnn/config.pbtxt").read_text())
-    for link in (rootfs / "opt/mlopt/serving/triton/digits-cnn/1").iterdir():  # relative links into model/
-        assert link.resolve().is_file() and rootfs.resolve() in link.resolve().parents
+    for f in (rootfs / "opt/mlopt/serving/triton/digits-cnn/1").iterdir():  # hard links to model/'s files
+        assert f.is_file() and not f.is_symlink()
+        assert f.stat().st_ino == (rootfs / "opt/mlopt/model" / f.name).stat().st_ino  # stored once
     # the image's own entry point and serving config run the unpacked artifact
     assert entry.main(["--serving", str(rootfs / "opt/mlopt/serving/serve.json"),
                        "--model-dir", str(rootfs / "opt/mlopt/model"), "--check"]) == 0

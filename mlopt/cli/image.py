@@ -134,7 +134,11 @@ def _table(images: list[Any], folder: Path) -> None:
 def _export(kind: str, manifest: Path, out: Path, sla_ms: Optional[float], skus: list[str], store: Optional[Path],
             catalog: Optional[Path], recipe: Optional[Path], **extra: Any) -> None:
     from mlopt.package.export import ExportOptions, export_kubernetes, export_triton
+    from mlopt.package.kube import KubeOptions
     from mlopt.package.publish import serving_options
+
+    if "kube" in extra:  # made here, under guard: a bad secret name is a one-line error
+        extra["kube"] = KubeOptions(*extra["kube"])
 
     _, srv, cat = _settings(recipe, {}, {"latency_sla_ms": sla_ms, "replicas": extra.pop("replicas", None)})
     options = ExportOptions(out, serving_options(srv), str(store) if store else None,
@@ -159,10 +163,18 @@ def _kube_command(kind: str, doc: str) -> Any:
                 registry: Optional[str] = typer.Option(None, "--registry", help="HOST/REPO of built, unpushed images."),
                 replicas: Optional[int] = typer.Option(None, "--replicas", min=0),
                 k8s_version: Optional[str] = typer.Option(None, "--k8s-version", help="Validate for this Kubernetes."),
+                pull_secrets: list[str] = typer.Option(
+                    [], "--pull-secret", metavar="NAME", help="imagePullSecrets entry (a Secret's name); repeat for several."),
+                engine_cache_claim: Optional[str] = typer.Option(
+                    None, "--engine-cache-claim", metavar="CLAIM",
+                    help="PersistentVolumeClaim for on-device engine caches (default: an emptyDir per pod)."),
+                grace_seconds: int = typer.Option(30, "--grace-seconds", min=1,
+                                                  help="terminationGracePeriodSeconds: time to drain on SIGTERM."),
                 skus: Skus = [], store: Optional[Path] = StoreOpt, catalog: Catalog = None,
                 recipe: Optional[Path] = RecipeOpt) -> None:
         _export(kind, manifest, out, None, skus, store, catalog, recipe, images=images, registry=registry,
-                k8s_version=k8s_version, replicas=replicas)
+                k8s_version=k8s_version, replicas=replicas,
+                kube=(tuple(pull_secrets), engine_cache_claim, grace_seconds))
     command.__doc__ = doc
     return command
 

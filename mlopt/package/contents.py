@@ -7,7 +7,6 @@ built-in image (``image.py``) and the Dockerfile context (``context.py``) are bo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from mlopt.core.errors import BadInput
@@ -31,9 +30,18 @@ SITE_PACKAGES = f"{IMAGE_ROOT}/site-packages"
 
 
 def artifact_files(d: Deployable) -> list[FileEntry]:
-    """The artifact's files (streamed from the store) and its artifact.json."""
+    """The artifact's files (streamed from the store) and its artifact.json, plus the Triton
+    repository's model files as hard links to them: in the same layer, so the repository holds real
+    files (a copied folder keeps them) without storing the bytes twice."""
     files = [FileEntry(f"{MODEL_DIR}/{rel}", source=inside(d.artifact.path, rel)) for rel in sorted(d.artifact.meta["files"])]
-    return files + [FileEntry(f"{MODEL_DIR}/{ARTIFACT_META}", source=d.artifact.path / ARTIFACT_META)]
+    files.append(FileEntry(f"{MODEL_DIR}/{ARTIFACT_META}", source=d.artifact.path / ARTIFACT_META))
+    repo = triton_repo(d)
+    return files + [FileEntry(f"{repo}/1/{p.name}", hardlink=f"{MODEL_DIR}/{p.name}") for p in triton.version_files(d)]
+
+
+def triton_repo(d: Deployable) -> str:
+    """The image path of the deployable's Triton model folder."""
+    return f"{SERVING_DIR}/triton/{d.model.name}"
 
 
 def runtime_files(folder: Path) -> list[FileEntry]:
@@ -53,27 +61,23 @@ def runtime_files(folder: Path) -> list[FileEntry]:
 
 
 def serving_files(d: Deployable, options: ServingOptions) -> list[FileEntry]:
-    """serve.json, requirements.txt, the Triton repository (links into the model folder), entry.py
-    and the mlopt_runtime package whose loaders it calls."""
+    """serve.json, requirements.txt, the Triton repository's config (its model files are in the
+    artifact layer), entry.py and the mlopt_runtime package whose loaders it calls."""
     from mlopt import runtime
     from mlopt.package import entry
 
     spec = serve_spec(d, options)
-    repo = f"{SERVING_DIR}/triton/{d.model.name}"
+    repo = triton_repo(d)
+    sources = runtime.sources()
     files = [FileEntry(f"{SERVING_DIR}/serve.json", data=json.dumps(spec, indent=2, sort_keys=True).encode()),
              FileEntry(f"{SERVING_DIR}/requirements.txt", data=requirements(d).encode()),
              FileEntry(f"{repo}/config.pbtxt", data=triton.config_text(d, options).encode()),
              FileEntry(ENTRY_PATH, source=Path(entry.__file__), mode=0o755),
-             *(FileEntry(f"{RUNTIME_PATH}/{p.name}", source=p) for p in runtime.sources())]
-    files += [_link(f"{repo}/1/{p.name}", f"{MODEL_DIR}/{p.name}") for p in triton.version_files(d)]
+             *(FileEntry(f"{RUNTIME_PATH}/{p.name}", source=p) for p in sources)]
     extra = triton.python_backend_files(d, options)  # Triton's Python backend runs the build through entry.py
     files += [FileEntry(f"{repo}/1/{name}", data=data) for name, data in sorted(extra.items())]
-    if extra:
-        files.append(_link(f"{repo}/1/mlopt_entry.py", ENTRY_PATH))
-        files.append(_link(f"{repo}/1/{runtime.SHIPPED_NAME}", RUNTIME_PATH))
+    if extra:  # hard links to entry.py and the runtime package of this same layer: real files, stored once
+        files.append(FileEntry(f"{repo}/1/mlopt_entry.py", hardlink=ENTRY_PATH, mode=0o755))
+        files += [FileEntry(f"{repo}/1/{runtime.SHIPPED_NAME}/{p.name}", hardlink=f"{RUNTIME_PATH}/{p.name}")
+                  for p in sources]
     return files
-
-
-def _link(path: str, target: str) -> FileEntry:
-    """A relative symlink, so it also resolves in the Dockerfile context (same folder layout)."""
-    return FileEntry(path, link=os.path.relpath(target, os.path.dirname(path)))

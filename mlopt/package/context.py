@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+
 from mlopt.core.refs import LayoutRef, parse_base
 from mlopt.core.util import inside
 from mlopt.package.base import BaseImage
@@ -21,30 +22,33 @@ from mlopt.package.serving import (
     ENTRY_PATH,
     IMAGE_ROOT,
     MODEL_DIR,
+    RUN_AS,
     RUNTIME_PATH,
     SERVING_DIR,
     Deployable,
     ServingOptions,
+    staged,
 )
 
 
 def write_context(d: Deployable, base: BaseImage, folder: Path, serving: ServingOptions, runtime: Path | None,
                   labels: dict[str, str]) -> Path:
     """Write the build context of one image into ``folder`` (replacing what was there); ``runtime``: the
-    image's runtime folder (Python packages), if it has one."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    for f in artifact_files(d):
-        _place(f, inside(folder, "model", f.path[len(MODEL_DIR) + 1:]))
-    for f in serving_files(d, serving):
-        rel = "entry.py" if f.path == ENTRY_PATH else f.path[len(IMAGE_ROOT) + 1:]  # serving/..., mlopt_runtime/...
-        _place(f, inside(folder, rel))
-    if runtime:
-        shutil.copytree(runtime, folder / "runtime", symlinks=True)
-    (folder / "Dockerfile").write_text(dockerfile(base, labels, serving.port,
-                                                  SITE_PACKAGES if runtime else None, runtime_notes(d)))
+    image's runtime folder (Python packages), if it has one. It is written beside ``folder`` and
+    renamed into place, so a failure leaves the previous context (or none), never half of one."""
+    with staged(folder) as tmp:
+        for f in [*artifact_files(d), *serving_files(d, serving)]:
+            _place(f, inside(tmp, _context_path(f.path)), tmp)
+        if runtime:
+            shutil.copytree(runtime, tmp / "runtime", symlinks=True)
+        (tmp / "Dockerfile").write_text(dockerfile(base, labels, serving.port,
+                                                   SITE_PACKAGES if runtime else None, runtime_notes(d)))
     return folder
+
+
+def _context_path(path: str) -> str:
+    """An image path's place in the context: entry.py, model/..., serving/..., mlopt_runtime/..."""
+    return "entry.py" if path == ENTRY_PATH else path[len(IMAGE_ROOT) + 1:]
 
 
 # TVM's PyPI wheel carries the CUDA runtime plugin but no HIP one: a ROCm build's image needs a TVM
@@ -72,18 +76,19 @@ def runtime_notes(d: Deployable) -> list[str]:
     return [line.replace("{version}", version) for line in ROCM_TVM_RUNTIME]
 
 
-def _place(f: FileEntry, dest: Path) -> None:
+def _place(f: FileEntry, dest: Path, root: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if f.link is not None:
         dest.symlink_to(f.link)
     elif f.data is not None:
         dest.write_bytes(f.data)
     else:
-        assert f.source is not None
+        src = inside(root, _context_path(f.hardlink)) if f.hardlink is not None else f.source
+        assert src is not None
         try:
-            dest.hardlink_to(f.source)
+            dest.hardlink_to(src)
         except OSError:
-            shutil.copyfile(f.source, dest)
+            shutil.copyfile(src, dest)
         if f.mode & 0o111:
             dest.chmod(0o755)
 
@@ -96,11 +101,18 @@ def base_from(base: BaseImage) -> str:
     return f"{ref.name}@{base.digest}"
 
 
+def image_env(site_packages: str | None) -> dict[str, str]:
+    """The environment mlopt's images set: where serve.json is, unbuffered logs, no bytecode writes
+    (the root file system may be read-only), HOME on the writable /tmp (the user has no home)."""
+    return {"MLOPT_SERVING": f"{SERVING_DIR}/serve.json", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": "/tmp", **({"PYTHONPATH": site_packages} if site_packages else {})}
+
+
 def dockerfile(base: BaseImage, labels: dict[str, str], port: int, site_packages: str | None,
                notes: list[str] | None = None) -> str:
     """The Dockerfile of the image: same files, environment, entry point and labels."""
     serve = f"{SERVING_DIR}/serve.json"
-    env = {"MLOPT_SERVING": serve, "PYTHONUNBUFFERED": "1", **({"PYTHONPATH": site_packages} if site_packages else {})}
+    env = image_env(site_packages)
     lines = [
         "# Written by mlopt: the image `mlopt image build` makes without a daemon, as a Dockerfile.",
         "# An oci:PATH base is read by buildah and podman; with docker, pass --build-arg BASE_IMAGE=...",
@@ -118,6 +130,8 @@ def dockerfile(base: BaseImage, labels: dict[str, str], port: int, site_packages
         "LABEL " + " \\\n      ".join(f"{json.dumps(k)}={json.dumps(v)}" for k, v in sorted(labels.items())),
         f"EXPOSE {port}",
         "WORKDIR /opt/mlopt",
+        "# a non-root user (no passwd entry needed); the files above are root's and read-only to it",
+        f"USER {RUN_AS}:{RUN_AS}",
         f'ENTRYPOINT ["python3", "{ENTRY_PATH}"]',
         f'CMD ["--serving", "{serve}"]',
     ]

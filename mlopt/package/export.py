@@ -4,7 +4,8 @@
     OUT/<sku>/deployment.yaml, OUT/<sku>/service.yaml        Kubernetes, image by digest
     OUT/<sku>/inferenceservice.yaml                          KServe v1beta1
 
-Every file is validated before it is written (Triton's ModelConfig, kubernetes-validate strict).
+Every file is validated before it is written (Triton's ModelConfig, kubernetes-validate strict, KServe's
+CRD schema); a failure leaves no partial output folder behind.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mlopt.core.util import Log, inside
 from mlopt.package import kube, triton
 from mlopt.package.image import BuiltImage, read_record
 from mlopt.core.refs import parse_repository
-from mlopt.package.serving import Deployable, ServingOptions, deployables
+from mlopt.package.serving import Deployable, ServingOptions, deployables, removed_on_failure
 from mlopt.store import Store
 from mlopt.targets.catalog import load_catalog
 
@@ -38,6 +39,7 @@ class ExportOptions:
     images: Path | None = None  # folder with images.json (default: image/ beside the manifest)
     registry: str | None = None  # HOST/REPO for images built but not pushed
     k8s_version: str | None = None  # default: the newest kubernetes-validate knows
+    kube: kube.KubeOptions = field(default_factory=kube.KubeOptions)  # pull secrets, engine cache claim
 
 
 def _load(manifest_path: Path, options: ExportOptions, log: Log) -> list[Deployable]:
@@ -52,26 +54,31 @@ def _load(manifest_path: Path, options: ExportOptions, log: Log) -> list[Deploya
 def export_triton(manifest_path: Path, options: ExportOptions, log: Log = print) -> list[Path]:
     """One Triton model repository per SKU; returns the model folders."""
     folders = []
-    for d in _load(manifest_path, options, log):
-        folders.append(triton.write_repository(d, inside(options.out, d.sku.name), options.serving))
-        log(f"[export] {d.sku.name}: {folders[-1]}/config.pbtxt")
+    items = _load(manifest_path, options, log)
+    with removed_on_failure(options.out):
+        for d in items:
+            folders.append(triton.write_repository(d, inside(options.out, d.sku.name), options.serving))
+            log(f"[export] {d.sku.name}: {folders[-1]}/config.pbtxt")
     return folders
 
 
 def export_kubernetes(manifest_path: Path, options: ExportOptions, kind: str, log: Log = print) -> list[Path]:
     """Deployment + Service (``kind`` "k8s") or an InferenceService ("kserve") per SKU."""
     images = read_record(options.images or Path(manifest_path).parent / "image")
-    written = []
+    made = []  # every document is made and validated before any is written
     for d in _load(manifest_path, options, log):
-        w = kube.workload(d, image_ref(d, images, options.registry), options.serving)
-        docs = _documents(w, options, kind)
-        folder = inside(options.out, d.sku.name)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, doc in docs.items():
-            # a JSON round trip unshares the label dicts, so the YAML has no &anchors
-            inside(folder, name).write_text(yaml.safe_dump(json.loads(json.dumps(doc)), sort_keys=False))
-            written.append(folder / name)
-        log(f"[export] {d.sku.name}: {', '.join(str(folder / n) for n in docs)}")
+        w = kube.workload(d, image_ref(d, images, options.registry), options.serving, options.kube)
+        made.append((d, _documents(w, options, kind)))
+    written = []
+    with removed_on_failure(options.out):
+        for d, docs in made:
+            folder = inside(options.out, d.sku.name)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, doc in docs.items():
+                # a JSON round trip unshares the label dicts, so the YAML has no &anchors
+                inside(folder, name).write_text(yaml.safe_dump(json.loads(json.dumps(doc)), sort_keys=False))
+                written.append(folder / name)
+            log(f"[export] {d.sku.name}: {', '.join(str(folder / n) for n in docs)}")
     return written
 
 

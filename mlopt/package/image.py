@@ -9,7 +9,7 @@ Output folder (default: ``image/`` beside the manifest)::
 
 Image contents: ``/opt/mlopt/model/`` (the artifact's files and ``artifact.json``),
 ``/opt/mlopt/serving/`` (``serve.json``, ``requirements.txt``, a Triton model repository under
-``triton/`` whose model files are links into ``model/``), ``/opt/mlopt/entry.py`` with the
+``triton/`` whose model files are hard links to ``model/``'s: real files, stored once), ``/opt/mlopt/entry.py`` with the
 ``mlopt.runtime`` package it calls beside it (``/opt/mlopt/mlopt_runtime/``), and, with a runtime
 folder, ``/opt/mlopt/site-packages/`` on ``PYTHONPATH``.
 """
@@ -26,7 +26,7 @@ from mlopt.core.errors import BadInput
 from mlopt.manifest import ImageRecord, Manifest, read_manifest, write_manifest
 from mlopt.package.base import BaseImage, load_base
 from mlopt.package.contents import SITE_PACKAGES, artifact_files, runtime_files, serving_files
-from mlopt.package.context import write_context
+from mlopt.package.context import image_env, write_context
 from mlopt.package.oci import (
     GZIP_LEVEL,
     OCI_CONFIG,
@@ -40,10 +40,12 @@ from mlopt.core.refs import check_tag
 from mlopt.package.serving import (
     ENTRY_PATH,
     IMAGE_ROOT,
+    RUN_AS,
     SERVING_DIR,
     Deployable,
     ServingOptions,
     deployables,
+    removed_on_failure,
 )
 from mlopt.store import Store
 from mlopt.targets.catalog import load_catalog
@@ -111,11 +113,12 @@ def build_manifest_images(manifest: Manifest, store: Store | None, options: Imag
     # every tag and base image is resolved before any image is written
     tags = {d.slug: image_tag(options.tag, d) for d in items}
     _unique_tags(tags, options.tag)
-    layout = Layout(options.out / "oci", create=True)
-    cache: dict[tuple[str, str], BaseImage] = {}
-    bases = {d.slug: _base(d, layout, options, cache, log) for d in items}
-    built = [_build_one(d, tags[d.slug], layout, bases[d.slug], options, log) for d in items]
-    write_record(options.out, built)
+    with removed_on_failure(options.out):
+        layout = Layout(options.out / "oci", create=True)
+        cache: dict[tuple[str, str], BaseImage] = {}
+        bases = {d.slug: _base(d, layout, options, cache, log) for d in items}
+        built = [_build_one(d, tags[d.slug], layout, bases[d.slug], options, log) for d in items]
+        write_record(options.out, built)
     return built
 
 
@@ -240,14 +243,14 @@ def image_labels(d: Deployable, base: BaseImage) -> dict[str, str]:
 
 def image_config(d: Deployable, base: BaseImage, layers: list[Layer], labels: dict[str, str],
                  runtime: bool, port: int) -> dict[str, Any]:
-    """The image config: the base's, with mlopt's entry point, environment, port, labels and layers."""
+    """The image config: the base's, with mlopt's entry point, environment, port, labels and layers,
+    run as a non-root user (``RUN_AS``; the image's files are root's, readable by it)."""
     cfg = json.loads(json.dumps(base.config))
     c = cfg.get("config") or {}
     cfg["config"] = c
-    ours = {"MLOPT_SERVING": f"{SERVING_DIR}/serve.json", "PYTHONUNBUFFERED": "1",
-            **({"PYTHONPATH": SITE_PACKAGES} if runtime else {})}
+    ours = image_env(SITE_PACKAGES if runtime else None)
     env = [e for e in c.get("Env") or [] if e.split("=", 1)[0] not in ours]
-    c.update({"Env": env + [f"{k}={v}" for k, v in ours.items()],
+    c.update({"Env": env + [f"{k}={v}" for k, v in ours.items()], "User": f"{RUN_AS}:{RUN_AS}",
               "Entrypoint": ["python3", ENTRY_PATH], "Cmd": ["--serving", f"{SERVING_DIR}/serve.json"],
               "WorkingDir": IMAGE_ROOT, "ExposedPorts": {**(c.get("ExposedPorts") or {}), f"{port}/tcp": {}},
               "Labels": {**(c.get("Labels") or {}), **labels}})

@@ -82,13 +82,15 @@ class Descriptor:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a layer: streamed from ``source``, or small generated ``data``, or a symlink."""
+    """One file of a layer: streamed from ``source``, or small generated ``data``, or a symlink, or a
+    hard link to a file that sorts before it in the same layer (a real file wherever it is copied)."""
 
     path: str  # inside the image, without the leading '/'
     source: Path | None = None
     data: bytes | None = None
     mode: int = 0o644
     link: str | None = None
+    hardlink: str | None = None  # the image path of the linked file
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,10 @@ def _with_parents(entries: Iterable[FileEntry]) -> list[tuple[str, FileEntry | N
         parts = path.split("/")[:-1]
         for i in range(1, len(parts) + 1):
             items.setdefault("/".join(parts[:i]), None)
+    for path, e in items.items():  # a tar hard link names a file written before it
+        target = e.hardlink.strip("/") if e is not None and e.hardlink is not None else None
+        if target is not None and (items.get(target) is None or not target < path):
+            raise ValueError(f"layer hard link {path!r} names {target!r}, which is not a file before it in the layer")
     return sorted(items.items())
 
 
@@ -144,6 +150,8 @@ def _add(tar: tarfile.TarFile, path: str, entry: FileEntry | None) -> None:
         tar.addfile(_tar_info(path, tarfile.DIRTYPE, 0o755))
     elif entry.link is not None:
         tar.addfile(_tar_info(path, tarfile.SYMTYPE, 0o777, link=entry.link))
+    elif entry.hardlink is not None:
+        tar.addfile(_tar_info(path, tarfile.LNKTYPE, entry.mode, link=entry.hardlink.strip("/")))
     elif entry.data is not None:
         tar.addfile(_tar_info(path, tarfile.REGTYPE, entry.mode, len(entry.data)), io.BytesIO(entry.data))
     else:

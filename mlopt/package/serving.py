@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,10 @@ ENTRY_PATH = f"{IMAGE_ROOT}/entry.py"
 RUNTIME_PATH = f"{IMAGE_ROOT}/{SHIPPED_NAME}"  # the mlopt.runtime package, whose loaders entry.py calls
 MIN_GAIN = 1.10  # a larger batch is preferred only for at least 10% more throughput
 RUNTIME_OVERHEAD = 256 << 20  # Python, numpy and the runtime library beside the model (bytes)
+# A request's tensors are held as the body (JSON text, up to ~20 bytes a number), the decoded values
+# and the array the runtime reads: 64 bytes per input element covers the widest encoding accepted.
+REQUEST_BYTES_PER_ELEMENT = 64
+RUN_AS = 65532  # the image's non-root user and group (the "nonroot" id distroless images use)
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,32 @@ def memory_request(d: Deployable) -> tuple[int, str]:
     return RUNTIME_OVERHEAD + max(measured, size), "measured peak memory (at least the artifact size) + runtime overhead"
 
 
+def max_batch(d: Deployable, options: ServingOptions) -> int:
+    """The largest batch the server accepts and merges requests up to: Triton's ``max_batch_size``
+    from the measured curve and the SLA (1 for a model without a batch axis)."""
+    plan = plan_batching(d.entry.measurement, options.latency_sla_ms, d.batchable, options.unmeasured_max_batch)
+    return max(1, plan.max_batch_size)
+
+
+def per_sample_bytes(d: Deployable) -> int:
+    """Memory one more sample of a batch takes: the request's encoding of its inputs, plus the
+    activations the measurement saw per sample (peak growth beyond the weights, over its batch)."""
+    elements = sum(math.prod(x for x in i.shape[1:] if isinstance(x, int)) for i in d.model.inputs)
+    m = d.entry.measurement
+    size = d.entry.artifact.size_bytes if d.entry.artifact else 0
+    measured_batch = max((b.batch_size for b in m.batches), default=1) if m else 1
+    activations = max(0, (m.peak_memory_bytes or 0) - size) // measured_batch if m else 0
+    return elements * REQUEST_BYTES_PER_ELEMENT + activations
+
+
+def memory_limit(d: Deployable, options: ServingOptions) -> tuple[int, str]:
+    """Bytes of memory one replica may use: the request plus the largest batch the server accepts
+    (``max_batch`` x ``per_sample_bytes``), and at least twice the request (allocator headroom)."""
+    request, _ = memory_request(d)
+    batch, sample = max_batch(d, options), per_sample_bytes(d)
+    return max(2 * request, request + batch * sample), f"request + max batch {batch} x {sample} bytes per sample"
+
+
 def serve_spec(d: Deployable, options: ServingOptions) -> dict[str, Any]:
     """The ``serve.json`` the in-image entry point reads."""
     return {
@@ -183,6 +218,39 @@ def requirements(d: Deployable) -> str:
     library = plan.get("library") or {}
     pins += [x for x in (library.get("requires"), library.get("runtime")) if x]
     return "\n".join(["numpy"] + pins) + "\n"
+
+
+@contextmanager
+def staged(folder: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``folder`` that replaces it when the block succeeds and is
+    removed when it fails: a failed write leaves the previous folder (or none), never half of one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp's folder is private; the result is an ordinary folder
+    try:
+        yield tmp
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.rename(folder, old / folder.name)
+            os.rename(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+@contextmanager
+def removed_on_failure(folder: Path) -> Iterator[None]:
+    """A folder that a failing block created is removed again (no empty output folder is left)."""
+    created = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from mlopt.package.serving import (
     ServingOptions,
     plan_batching,
     serve_spec,
+    staged,
 )
 
 
@@ -79,13 +80,80 @@ def runtime_of(backend: str) -> Runtime:
 
 
 def output_decls(d: Deployable) -> list[TensorDecl]:
-    """Output declarations from an ONNX file of the build, or of another build of the same entry."""
-    for art in (d.artifact, *d.siblings):
-        onnx_file = art.path / "model.onnx"
-        if onnx_file.is_file():
-            return graph_io(onnx_file)[1]
-    raise BadInput(f"{d.slug}: no ONNX file among the entry's builds to read output shapes from",
-                   hint="compile with the onnxruntime backend as well (it is cheap) to export Triton configs")
+    """Output declarations (names, types, shapes) from, in order: an ONNX file of the build or of
+    another build of the same entry; an OpenVINO IR of those builds; the model the builds were
+    compiled from (the final ONNX model, found by its digest among the store's cached steps, or the
+    source file itself). An OpenVINO-only or TVM-only manifest needs no ONNX Runtime build."""
+    arts = (d.artifact, *d.siblings)
+    found = next((graph_io(a.path / "model.onnx")[1] for a in arts if (a.path / "model.onnx").is_file()), None)
+    found = found or next((ir_outputs(a.path / "model.xml") for a in arts if (a.path / "model.xml").is_file()), None)
+    final = found or final_model(d)
+    if isinstance(final, Path):
+        found = graph_io(final)[1]
+    if not found:
+        raise BadInput(f"{d.slug}: no ONNX model or OpenVINO IR to read output shapes from: no build of the entry "
+                       f"has one, and the model it was compiled from is no longer in store {d.artifact.path.parents[1]}",
+                       hint="compile again with the same store (its cache keeps the model), or add the onnxruntime "
+                            "backend")
+    names = list(d.model.outputs)
+    return sorted(found, key=lambda o: names.index(o.name) if o.name in names else len(names))
+
+
+IR_TYPES = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "float16", "f64": "float64",
+            "fp64": "float64", "bf16": "bfloat16", "i64": "int64", "i32": "int32", "i16": "int16", "i8": "int8",
+            "u64": "uint64", "u32": "uint32", "u16": "uint16", "u8": "uint8", "boolean": "bool", "bool": "bool"}
+
+
+def ir_outputs(xml: Path) -> list[TensorDecl]:
+    """Output declarations of an OpenVINO IR, read from its XML (no OpenVINO needed): each Result
+    layer's input port gives the shape and type; the port feeding it carries the tensor's name."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(xml).getroot()
+    layers = {layer.get("id"): layer for layer in root.iter("layer")}
+    feeds = {(e.get("to-layer"), e.get("to-port")): (e.get("from-layer"), e.get("from-port")) for e in root.iter("edge")}
+    out = []
+    for layer in layers.values():
+        if layer.get("type") != "Result":
+            continue
+        port = layer.find("input/port")
+        src_layer, src_port = feeds.get((layer.get("id"), port.get("id") if port is not None else None), (None, None))
+        src = layers.get(src_layer)
+        feeding = next((q for q in src.iter("port") if q.get("id") == src_port), None) if src is not None else None
+        name = (layer.get("output_names") or (feeding.get("names") if feeding is not None else None)
+                or layer.get("name") or "").split(",")[0]
+        dims = [int(x.text or "-1") for x in port.findall("dim")] if port is not None else []
+        kind = (port.get("precision") if port is not None else None) or _ir_type(layer)
+        if kind.lower() not in IR_TYPES:
+            raise BadInput(f"{xml}: output {name!r} has element type {kind!r}, which Triton configs do not map")
+        out.append(TensorDecl(name.strip(), IR_TYPES[kind.lower()], tuple("batch" if x < 0 else x for x in dims)))
+    return out
+
+
+def _ir_type(layer: Any) -> str:
+    data = layer.find("data")
+    return data.get("element_type", "f32") if data is not None else "f32"
+
+
+def final_model(d: Deployable) -> Path | None:
+    """The ONNX model the entry's builds were compiled from, when the store's cache still has it
+    (its ingest or last pass step), or the recipe's ONNX source file, checked by digest."""
+    from mlopt.core.model import file_digest
+
+    digest = d.model.final_digest
+    cache = d.artifact.path.parents[1] / "cache"
+    for meta in sorted(cache.glob("*/*/meta.json")):
+        try:
+            step = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(step, dict) or step.get("digest") != digest:
+            continue
+        candidate = meta.parent / Path(str(step.get("file", "model.onnx"))).name  # a file of the step itself
+        if candidate.is_file() and file_digest(candidate) == digest:
+            return candidate
+    source = Path(d.model.source)
+    return source if source.suffix == ".onnx" and source.is_file() and file_digest(source) == digest else None
 
 
 def instance_group(d: Deployable) -> tuple[str, int]:
@@ -234,29 +302,32 @@ def python_backend_files(d: Deployable, options: ServingOptions) -> dict[str, by
 
 
 def write_repository(d: Deployable, out: Path, options: ServingOptions) -> Path:
-    """Write ``out/<model>/config.pbtxt`` and ``out/<model>/1/`` (hard links to the store's files
-    where the file system allows, else copies); returns the model folder."""
+    """Write ``out/<model>/config.pbtxt`` and ``out/<model>/1/``; returns the model folder. Every
+    file is a real file (a hard link to the store's where the file system allows, else a copy; no
+    symlinks), so the folder survives ``cp -r``; it is written beside its place and renamed in, so a
+    failure leaves the previous folder or none."""
     from mlopt.package import entry
 
+    text = config_text(d, options)  # fails before anything is written
     folder = inside(out, d.model.name)
-    version = folder / "1"
-    version.mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(config_text(d, options))
-    for src in version_files(d):
-        _link_or_copy(src, version / src.name)
-    extra = python_backend_files(d, options)
-    for name, data in extra.items():
-        inside(version, name).write_bytes(data)
-    if extra:
-        from mlopt import runtime
+    with staged(folder) as tmp:
+        version = tmp / "1"
+        version.mkdir()
+        (tmp / "config.pbtxt").write_text(text)
+        for src in version_files(d):
+            _link_or_copy(src, version / src.name)
+        extra = python_backend_files(d, options)
+        for name, data in extra.items():
+            inside(version, name).write_bytes(data)
+        if extra:
+            from mlopt import runtime
 
-        shutil.copyfile(entry.__file__, version / "mlopt_entry.py")
-        runtime.ship(version)  # the loaders mlopt_entry.py calls
+            shutil.copyfile(entry.__file__, version / "mlopt_entry.py")
+            runtime.ship(version)  # the loaders mlopt_entry.py calls
     return folder
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
-    dest.unlink(missing_ok=True)
     try:
         dest.hardlink_to(src)
     except OSError:
