@@ -177,3 +177,24 @@ def test_a_garbage_manifest_is_exit_2(copied: dict, tmp_path: Path) -> None:
     bad.write_text(json.dumps(data))
     res = runner.invoke(app, ["measure", str(bad), "--sku", V3, "--store", str(copied["store"])])
     assert res.exit_code == 2 and "does not record its resolved recipe" in res.output
+
+
+def test_reference_recomputed_when_not_stored_and_a_missing_model_is_exit_2(copied: dict,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without compile's reference outputs in the store, they are computed again from the ingested
+    model; without the model the builds were made from, nothing can be validated: exit 2."""
+    monkeypatch.delenv(isa.ENV, raising=False)
+    if not _runs_v3():
+        pytest.skip("this CPU does not run cpu-x86-64-v3 code")
+    for kind in ("reference", "measure"):
+        shutil.rmtree(copied["store"] / "cache" / kind)
+    res = _measure(copied, V3)
+    assert res.exit_code == 0, res.output
+    assert "[reference] not in the store" in res.output
+    cand = _entry(copied["manifest"], V3)["candidates"][0]
+    assert cand["validation"]["status"] == "passed" and cand["measurement"]["accuracy"]["value"] > 0.9
+    shutil.rmtree(copied["store"] / "cache" / "pass")  # the final model (after graph-optimize)
+    before = copied["manifest"].read_bytes()
+    res = _measure(copied, V3, "--remeasure")
+    assert res.exit_code == 2 and "is not in store" in res.output and "the builds were made from" in res.output
+    assert copied["manifest"].read_bytes() == before

@@ -139,8 +139,8 @@ def _model_info(manifest: Manifest, entry: Entry) -> ModelInfo:
 
 def _model(store: Store, info: ModelInfo, digest: str, entry: Entry, recipe: Recipe) -> Model:
     """The ONNX model of ``digest`` (the final one the builds were made from, or the ingested one): in
-    the store's ingest and pass steps, the recipe's ONNX source, or a build that ships it."""
-    for path in _model_files(store, entry, recipe):
+    the store's pass and ingest steps, the recipe's ONNX source, or a build that ships it."""
+    for path in [*_stored_models(store, digest), *_other_models(store, entry, recipe)]:
         if path.is_file() and file_digest(path) == digest:
             return Model(name=info.name, onnx_path=path, inputs=tuple(info.inputs), outputs=tuple(info.outputs),
                          digest=digest)
@@ -148,22 +148,29 @@ def _model(store: Store, info: ModelInfo, digest: str, entry: Entry, recipe: Rec
                      f"not in store {store.root}", hint="copy the compile's whole store here (cache/ and objects/)")
 
 
-def _model_files(store: Store, entry: Entry, recipe: Recipe) -> list[Path]:
+def _stored_models(store: Store, digest: str) -> list[Path]:
+    """The model files of the intact ingest and pass steps whose recorded digest is ``digest``."""
     import json
 
     found = []
-    for kind, name_of in (("pass", lambda m: m.get("file")), ("ingest", lambda m: "model.onnx")):
+    for kind, file_of in (("pass", lambda m: m.get("file")), ("ingest", lambda m: "model.onnx")):
         folder = store.root / "cache" / kind
         for step in sorted(folder.iterdir()) if folder.is_dir() else []:
             try:
-                name = name_of(json.loads((step / "meta.json").read_text()))
-            except (OSError, ValueError, AttributeError):
+                meta = json.loads((step / "meta.json").read_text())
+            except (OSError, ValueError):
                 continue
-            if name and not store.verify_step(step):
-                found.append(step / name)
-    if recipe.model.source.endswith(".onnx"):
-        found.append(Path(recipe.model.source))
-    return found + [Path(c.artifact.path) / "model.onnx" for c in entry.candidates if c.artifact]
+            if isinstance(meta, dict) and meta.get("digest") == digest and file_of(meta) \
+                    and not store.verify_step(step):
+                found.append(step / file_of(meta))
+    return found
+
+
+def _other_models(store: Store, entry: Entry, recipe: Recipe) -> list[Path]:
+    """The recipe's ONNX source, and the ONNX files the entry's builds ship (in this store, wherever the
+    compile's store was)."""
+    source = [Path(recipe.model.source)] if recipe.model.source.endswith(".onnx") else []
+    return source + [store.root / "objects" / c.artifact.key / "model.onnx" for c in entry.candidates if c.artifact]
 
 
 def _reference(run: Run, store: Store, info: ModelInfo, entry: Entry, recipe: Recipe) -> Reference:
