@@ -129,13 +129,19 @@ def test_out_writes_elsewhere_and_leaves_the_manifest(copied: dict, tmp_path: Pa
     assert res.exit_code == 0, res.output
     assert copied["manifest"].read_bytes() == before
     assert read_manifest(tmp_path / "measured.json").entries[0].measurement.provenance.measured_by == "mlopt measure"
+    res = _measure(copied, host, "--remeasure", "--out", str(tmp_path / "no" / "such" / "m.json"))
+    assert res.exit_code == 2 and "cannot write the manifest" in res.output
 
 
 def test_a_sku_this_machine_cannot_run_is_exit_4(copied: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlopt.targets.catalog import load_catalog
+    from mlopt.targets.detect import host_runs
+
     before = copied["manifest"].read_bytes()
     res = _measure(copied, GPU)
-    assert res.exit_code == 4, res.output
-    assert res.output.splitlines()[0] == f"error: {GPU} is a GPU SKU and this machine has no matching GPU"
+    if not host_runs(load_catalog().get(GPU))[0]:  # every machine but one with a T4
+        assert res.exit_code == 4, res.output
+        assert res.output.splitlines()[0] == f"error: {GPU} is a GPU SKU and this machine has no matching GPU"
     monkeypatch.setenv(isa.ENV, BELOW_V3)  # the CPU case, on any x86-64 machine
     res = _measure(copied, V3)
     assert res.exit_code == 4 and "avx2" in res.output.splitlines()[0]
@@ -198,3 +204,37 @@ def test_reference_recomputed_when_not_stored_and_a_missing_model_is_exit_2(copi
     res = _measure(copied, V3, "--remeasure")
     assert res.exit_code == 2 and "is not in store" in res.output and "the builds were made from" in res.output
     assert copied["manifest"].read_bytes() == before
+
+
+def _runs_v3_or_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(isa.ENV, raising=False)
+    if not _runs_v3():
+        pytest.skip("this CPU does not run cpu-x86-64-v3 code")
+
+
+def test_a_build_failing_validation_here_is_exit_3_and_recorded(copied: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlopt.compiler import validate
+
+    _runs_v3_or_skip(monkeypatch)
+    monkeypatch.setitem(validate.TOLERANCES, "onnxruntime", validate.Tolerance(atol=0.0, rtol=0.0))
+    res = _measure(copied, V3)
+    assert res.exit_code == 3, res.output
+    data = json.loads(copied["manifest"].read_text())
+    entry = _entry(copied["manifest"], V3)
+    (cand,) = entry["candidates"]
+    assert cand["status"] == "failed" and cand["validation"]["status"] == "failed" and cand["measurement"] is None
+    assert entry["chosen_backend"] is None and entry["measurement"] is None
+    assert data["status"] == "failed" and any(e.startswith(f"{V3}/onnxruntime: ") for e in data["errors"])
+
+
+def test_a_build_whose_runtime_is_missing_here_stays_unmeasured(copied: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlopt.targets.backends import Availability
+    from mlopt.targets.ort import OrtBackend
+
+    _runs_v3_or_skip(monkeypatch)
+    monkeypatch.setattr(OrtBackend, "availability", lambda self, sku, runs: Availability("cross", False, "no runtime"))
+    res = _measure(copied, V3)
+    assert res.exit_code == 4 and "not measured" in res.output, res.output
+    (cand,) = _entry(copied["manifest"], V3)["candidates"]
+    assert cand["status"] == "built" and cand["measurement"] is None and "no runtime" in cand["reason"]
+    assert cand["validation"]["status"] == "not-run"

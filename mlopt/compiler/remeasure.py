@@ -75,6 +75,7 @@ def measure_manifest(req: MeasureRequest, log: Log = lambda _: None) -> MeasureR
     if not pending:
         log(f"[measure] {sku.name}: every build already has figures (--remeasure measures them again)")
         return MeasureResult(manifest, sku.name, None, 0)
+    path = _writable(req.out or req.manifest)
     store = _store(req.store, manifest)
     artifacts = {c.backend: _artifact(store, c, sku) for c in pending}  # all checked before any work
     info = _model_info(manifest, entry)
@@ -86,7 +87,6 @@ def measure_manifest(req: MeasureRequest, log: Log = lambda _: None) -> MeasureR
     candidates = [done.get(c.backend, c) for c in entry.candidates]
     new_entry = _rechoose(entry, sku, candidates)
     merged = _merge(manifest, new_entry, sku)
-    path = req.out or req.manifest
     write_manifest(merged, path)
     log(f"[done] manifest written to {path}")
     return _result(merged, sku.name, path, done)
@@ -114,6 +114,17 @@ def _sku(catalog: Catalog, name: str, manifest: Manifest) -> SKU:
         raise UnknownName(f"the manifest has no entry for SKU {name!r}; it has {', '.join(listed) or 'none'}",
                           hint="name one of its SKUs (`mlopt manifest show` lists them)")
     return sku
+
+
+def _writable(path: Path) -> Path:
+    """``path``, once its folder is known to take a new file (checked before minutes of measuring)."""
+    probe = path.parent / f".{path.name}.mlopt-probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise BadInput(f"cannot write the manifest to {path} ({e.strerror or e})", hint="pass --out FILE") from None
+    return path
 
 
 def _store(root: Path | None, manifest: Manifest) -> Store:
