@@ -17,7 +17,8 @@ import jsonschema
 import pytest
 from typer.testing import CliRunner
 
-from conftest import BELOW_V3, digits_recipe
+from conftest import BELOW_V3, digits_recipe, tiny_onnx, write_recipe
+from test_engines import build_count, fake_libs, fakes  # noqa: F401  (fixtures: fake TensorRT, CUDA, NVML)
 from mlopt.cli import app
 from mlopt.manifest import SCHEMA_FILE, read_manifest
 from mlopt.runtime import isa
@@ -238,3 +239,40 @@ def test_a_build_whose_runtime_is_missing_here_stays_unmeasured(copied: dict, mo
     (cand,) = _entry(copied["manifest"], V3)["candidates"]
     assert cand["status"] == "built" and cand["measurement"] is None and "no runtime" in cand["reason"]
     assert cand["validation"]["status"] == "not-run"
+
+
+def test_an_on_device_engine_plan_is_built_and_measured_on_the_gpu(tmp_path: Path, request: pytest.FixtureRequest,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TensorRT plan compiled where TensorRT is not, then measured on an H100 (the fake TensorRT,
+    CUDA and NVML of test_engines.py, and a detected H100): the engine is built there, validated with
+    TensorRT's tolerance, and timed with the recipe's plan."""
+    import os
+
+    from mlopt.targets import detect
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "schema_version": 1, "name": "tiny", "targets": ["h100"], "backends": ["tensorrt"],
+        "model": {"source": str(tiny_onnx(tmp_path / "tiny.onnx")),
+                  "inputs": [{"name": "x", "shape": ["batch", 4], "dtype": "float32"}]},
+        "benchmark": {"batch_sizes": [1, 4], "warmup": 1, "runs": 5, "max_seconds": 2.0, "threads": 1},
+        "output": str(tmp_path / "out"), "store": str(tmp_path / "store")})
+    res = runner.invoke(app, ["compile", str(recipe)])  # the compile machine: no TensorRT, no GPU
+    manifest = tmp_path / "out" / "manifest.json"
+    assert res.exit_code == 0, res.output
+    if _entry(manifest, "h100")["candidates"][0]["compiled"] != "on-device":
+        pytest.skip("TensorRT and an H100 are here: compile built and measured the engine itself")
+    fakes_on_path = request.getfixturevalue("fake_libs")  # now on the GPU node
+    monkeypatch.setattr(detect, "_gpus_here", lambda: (detect.GPU("nvidia", "NVIDIA H100 80GB HBM3", "sm_90"),))
+    monkeypatch.setenv("MLOPT_ENGINE_CACHE", str(tmp_path / "engines"))
+    monkeypatch.setenv("FAKE_TRT_LOG", str(tmp_path / "builds.log"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fakes_on_path), os.environ.get("PYTHONPATH", "")]))
+    res = runner.invoke(app, ["measure", str(manifest), "--sku", "h100", "--store", str(tmp_path / "store")])
+    assert res.exit_code == 0, res.output
+    entry = _entry(manifest, "h100")
+    (cand,) = entry["candidates"]
+    assert cand["compiled"] == "on-device" and cand["validation"]["status"] == "passed"
+    assert cand["validation"]["atol"] == 2e-2  # TensorRT's tolerance, as compile applies it
+    assert [b["batch_size"] for b in cand["measurement"]["batches"]] == [1, 4]
+    assert cand["measurement"]["provenance"]["measured_by"] == "mlopt measure"
+    assert entry["chosen_backend"] == "tensorrt" and entry["cost"]["usd_per_million"] > 0
+    assert build_count(tmp_path / "builds.log") >= 1 and any((tmp_path / "engines").iterdir())
