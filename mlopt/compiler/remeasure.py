@@ -17,6 +17,7 @@ here stays unmeasured with its reason: no figure is ever estimated.
 from __future__ import annotations
 
 import errno
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,8 +162,6 @@ def _model(store: Store, info: ModelInfo, digest: str, entry: Entry, recipe: Rec
 
 def _stored_models(store: Store, digest: str) -> list[Path]:
     """The model files of the intact ingest and pass steps whose recorded digest is ``digest``."""
-    import json
-
     found = []
     for kind, file_of in (("pass", lambda m: m.get("file")), ("ingest", lambda m: "model.onnx")):
         folder = store.root / "cache" / kind
