@@ -11,9 +11,11 @@ from typing import Annotated, Optional
 import typer
 
 from mlopt.cli.guard import err, guard, out
-from mlopt.cli.options import Catalog, StoreFolder
+from mlopt.cli.options import Catalog
 from mlopt.cli.summary import build_table
 
+StoreFolder = Annotated[Optional[Path], typer.Option("--store", envvar="MLOPT_STORE", help="Artifact store holding "
+                                                    "the builds (default: the store the manifest names).")]
 ManifestFile = Annotated[Path, typer.Argument(help="The manifest.json `mlopt compile` wrote.")]
 SkuName = Annotated[str, typer.Option("--sku", help="The SKU this machine is (its builds are measured here).")]
 OutFile = Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the manifest here (default: in place).")]
