@@ -276,3 +276,26 @@ def test_an_on_device_engine_plan_is_built_and_measured_on_the_gpu(tmp_path: Pat
     assert cand["measurement"]["provenance"]["measured_by"] == "mlopt measure"
     assert entry["chosen_backend"] == "tensorrt" and entry["cost"]["usd_per_million"] > 0
     assert build_count(tmp_path / "builds.log") >= 1 and any((tmp_path / "engines").iterdir())
+
+
+def test_a_manifest_written_meanwhile_keeps_the_other_skus_figures(copied: dict,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `mlopt measure` runs of one manifest (two SKUs): the second merges into what the first wrote."""
+    from mlopt.compiler import remeasure
+
+    _runs_v3_or_skip(monkeypatch)
+    real = remeasure._rechoose
+
+    def meanwhile(entry, sku, candidates):  # another measure rewrites the manifest while this one measures
+        data = json.loads(copied["manifest"].read_text())
+        data["errors"] = ["t4/onnxruntime: written meanwhile"]
+        data["status"] = "failed"
+        copied["manifest"].write_text(json.dumps(data))
+        return real(entry, sku, candidates)
+
+    monkeypatch.setattr(remeasure, "_rechoose", meanwhile)
+    res = _measure(copied, V3)
+    assert res.exit_code == 0, res.output
+    data = json.loads(copied["manifest"].read_text())
+    assert data["errors"] == ["t4/onnxruntime: written meanwhile"] and data["status"] == "failed"
+    assert _entry(copied["manifest"], V3)["measurement"] is not None

@@ -87,8 +87,10 @@ def measure_manifest(req: MeasureRequest, log: Log = lambda _: None) -> MeasureR
                                     req.remeasure) for c in pending}
     candidates = [done.get(c.backend, c) for c in entry.candidates]
     new_entry = _rechoose(entry, sku, candidates)
-    merged = _merge(manifest, new_entry, sku)
-    write_manifest(merged, path)
+    with store.lock():  # another `mlopt measure` of this manifest (another SKU) may have written it meanwhile
+        latest = read_manifest(path) if path.resolve() == req.manifest.resolve() else manifest
+        merged = _merge(latest, new_entry, sku)
+        write_manifest(merged, path)
     log(f"[done] manifest written to {path}")
     return _result(merged, sku.name, path, done)
 
