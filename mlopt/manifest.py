@@ -21,7 +21,7 @@ from mlopt.core.errors import BadInput, MloptError
 from mlopt.core.files import write_json
 from mlopt.core.spec import InputSpec, Record
 
-MANIFEST_SCHEMA_VERSION = "1.3"
+MANIFEST_SCHEMA_VERSION = "1.4"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "manifest.schema.json"
 
 
@@ -42,6 +42,9 @@ class Provenance(Record):
     libraries: dict[str, str] = Field(description="Versions of the runtime libraries that ran the build.")
     measured_at: str = Field(description="UTC time of the measurement.")
     threads: int = Field(description="Intra-op threads used.")
+    measured_by: Literal["mlopt compile", "mlopt measure"] | None = Field(
+        None, description="The command that measured: `mlopt compile` on the build machine, or `mlopt measure` on "
+                          "a machine of the SKU later (schema 1.4).")
 
 
 class BatchFigures(Record):
@@ -173,6 +176,9 @@ class ModelInfo(Record):
 class RecipeRef(Record):
     name: str
     digest: str = Field(description="sha256 of the resolved recipe.")
+    resolved: dict[str, Any] | None = Field(
+        None, description="The resolved recipe as data: what `mlopt measure` replays (its benchmark plan, data and "
+                          "accuracy budget) on a machine of the SKU (schema 1.4).")
 
 
 class GateCheck(Record):
@@ -266,7 +272,7 @@ class MatrixReport(Record):
 
 
 class Manifest(Record):
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3"] = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = MANIFEST_SCHEMA_VERSION
     mlopt_version: str
     created: str
     recipe: RecipeRef

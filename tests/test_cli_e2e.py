@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import ARM, HOST, X86_V4
 from mlopt.cli import app
-from mlopt.manifest import SCHEMA_FILE, manifest_schema
+from mlopt.manifest import MANIFEST_SCHEMA_VERSION, SCHEMA_FILE, manifest_schema
 
 runner = CliRunner()
 
@@ -24,7 +24,7 @@ def test_compile_succeeds_and_writes_valid_manifest(digits_build: dict) -> None:
     assert res.exit_code == 0, res.output
     m = _manifest(digits_build)
     jsonschema.validate(m, json.loads(SCHEMA_FILE.read_text()))
-    assert m["schema_version"] == "1.3" and m["status"] == "ok"
+    assert m["schema_version"] == MANIFEST_SCHEMA_VERSION and m["status"] == "ok"
     # targets: [host, cpu-x86-64-v4, cpu-aarch64-neoverse-v1]; host is one of them or a SKU of its own
     assert [e["sku"] for e in m["entries"]] == list(dict.fromkeys([HOST, X86_V4, ARM]))
     assert m["entries"][0]["requested_as"] == "host"

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from conftest import ARM, EXAMPLES, HOST, ROOT, tiny_onnx
 from mlopt.cli import app
 from mlopt.gates import compare, judge_latency
-from mlopt.manifest import BatchFigures, GateLimits, Manifest
+from mlopt.manifest import MANIFEST_SCHEMA_VERSION, BatchFigures, GateLimits, Manifest
 
 runner = CliRunner()
 LIMITS = GateLimits(latency_regression=0.10, throughput_drop=None, accuracy_drop=0.01, size_growth=0.10, noise_k=1.0,
@@ -186,7 +186,7 @@ def test_compile_regression_fails_with_exit_6_and_writes_the_manifest(digits_bui
     assert res.exit_code == 6, res.output
     assert "gates against" in res.stdout and "FAIL" in res.stdout
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert m["schema_version"] == "1.3" and m["status"] == "failed"
+    assert m["schema_version"] == MANIFEST_SCHEMA_VERSION and m["status"] == "failed"
     assert m["gates"]["verdict"] == "fail" and m["gates"]["baseline"] == str(fast)
     assert any(e.startswith(f"gate {X86}: latency p50 b1") for e in m["errors"])
 

@@ -6,6 +6,7 @@
     diff       ``mlopt diff``;  matrix: ``mlopt build-matrix``;  targets: ``mlopt targets``, ``doctor``
     artifacts  ``mlopt artifacts``;  manifest: ``mlopt manifest``, ``recipe``;  summary: their tables
     image      ``mlopt image`` and ``mlopt export``;  plan: ``mlopt plan`` (``mlopt.plan.command``)
+    measure    ``mlopt measure``: a manifest's builds measured on a machine of their SKU (``compiler.remeasure``)
 
 Heavy libraries (torch, TVM, ONNX Runtime) are imported inside commands, so ``mlopt --help`` stays fast.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from mlopt.cli import artifacts, diff, image, manifest, matrix, plan, targets
+from mlopt.cli import artifacts, diff, image, manifest, matrix, measure, plan, targets
 from mlopt.cli import compile as compile_
 from mlopt.cli.guard import STATE
 from mlopt.core.errors import EXIT_CODES
@@ -32,6 +33,7 @@ app.command("diff")(diff.diff_cmd)
 app.command("build-matrix")(matrix.build_matrix_cmd)
 app.add_typer(targets.targets_app, name="targets")
 app.command("doctor")(targets.doctor_cmd)
+app.command("measure")(measure.measure_cmd)
 app.command("plan")(plan.plan_cmd)
 
 

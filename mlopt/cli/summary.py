@@ -12,17 +12,17 @@ COLUMNS = ("SKU", "backend", "status", "built", "validation", "p50 ms by batch",
            "artifact")
 
 
-def build_table(m: Any) -> None:
-    """One row per candidate build of each SKU; the chosen one is starred."""
+def build_table(m: Any, skus: set[str] | None = None) -> None:
+    """One row per candidate build of each SKU (of ``skus`` only, when given); the chosen one is starred."""
     t = Table(title=f"{m.models[0].name} v{m.models[0].version}")
     for col in COLUMNS:
         t.add_column(col)
     for e in m.entries:
-        for c in e.candidates:
+        for c in e.candidates if skus is None or e.sku in skus else []:
             t.add_row(*_row(e, c))
     out.print(t)
     out.print("* the SKU's chosen build", style="dim")
-    host = next((e.sku for e in m.entries if e.requested_as == "host"), None)
+    host = next((e.sku for e in m.entries if e.requested_as == "host"), None) if skus is None else None
     if host:
         out.print(f"target 'host' is {host} on this machine ({m.host.cpu}); builds for SKUs it cannot run are "
                   "cross-compiled and carry no figures", highlight=False)

@@ -10,7 +10,7 @@ import errno
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from mlopt.compiler import validate as check
 from mlopt.compiler.measure import MEMORY_METHOD, measure, peak_memory
@@ -53,7 +53,7 @@ def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
                    sku.threads or run.recipe.benchmark.threads)
         candidates.append(_candidate(t, version_key, reference))
     errors = [f"{sku.name}/{c.backend}: {c.reason}" for c in candidates if c.status == "failed"]
-    chosen, chosen_by = _choose(candidates)
+    chosen, chosen_by = choose(candidates)
     entry = _entry(run, sku, version, chosen, chosen_by, candidates)
     if chosen is None and not names:
         errors.append(f"{sku.name}: none of the recipe's backends {allowed} serve this SKU "
@@ -72,7 +72,7 @@ def _entry(run: Run, sku: SKU, version: int, chosen: Candidate | None, chosen_by
     return Entry(model=run.recipe.model_name, version=version, sku=sku.name, sku_kind=sku.kind,
                  chosen_backend=chosen.backend if chosen else None, chosen_by=chosen_by,
                  artifact=chosen.artifact if chosen else None, precision=chosen.precision if chosen else None,
-                 measurement=m, cost=_cost(sku, m) if m else None, candidates=candidates)
+                 measurement=m, cost=cost_of(sku, m) if m else None, candidates=candidates)
 
 
 def _candidate(t: Target, version_key: str, reference: Reference) -> Candidate:
@@ -94,7 +94,7 @@ def _candidate(t: Target, version_key: str, reference: Reference) -> Candidate:
     measurement = None
     if t.avail.run:
         with t.run.stage(f"measure {sku.name}/{name}"):
-            measurement = _measure(t, art, reference)
+            measurement = measure_build(t, art, reference)
     t.run.log(f"[{sku.name}] {name}: {'cached' if cached else 'built'} {art.short}")
     return Candidate(backend=name, status="built", compiled=t.avail.build,
                      reason="" if t.avail.run else _not_run(t.avail.reason, t.why_not),
@@ -132,7 +132,7 @@ def _artifact(t: Target, key: str) -> tuple[Artifact, bool, Validation, float]:
     if art is not None:
         validation = art.build.validation
         if validation.status == "not-run" and t.avail.run:  # stored by a machine that could not run it
-            validation = _validate(t, art.path, art.meta)
+            validation = validate_build(t, art.path, art.meta)
         return art, True, validation, art.build.build_seconds
     with t.run.store.staging() as tmp:
         files = tmp / "artifact"
@@ -142,7 +142,7 @@ def _artifact(t: Target, key: str) -> tuple[Artifact, bool, Validation, float]:
             out = BuildOutput.model_validate(t.backend.build(_request(t), files.resolve()))
         seconds = round(time.perf_counter() - t0, 3)
         loaded = {**out.model_dump(exclude_unset=True), "requires": t.backend.requires(t.sku)}
-        validation = _validate(t, files, loaded) if t.avail.run else check.not_run(t.avail.reason or t.why_not)
+        validation = validate_build(t, files, loaded) if t.avail.run else check.not_run(t.avail.reason or t.why_not)
         art = t.run.store.put(key, files, _info(t, out, validation, seconds),
                               version=(t.run.recipe.model_name, t.version))
     return art, False, validation, seconds
@@ -165,32 +165,43 @@ def _info(t: Target, out: BuildOutput, validation: Validation, seconds: float) -
                      outputs=list(t.model.outputs))
 
 
-def _validate(t: Target, files: Path, meta: dict[str, Any]) -> Validation:
+def validate_build(t: Target, files: Path, meta: dict[str, Any]) -> Validation:
+    """The build in ``files`` against the reference run of the model, on the recipe's sample feed."""
     feed = t.run.sample_feed(2)
     return check.validate(t.backend.load(files, meta, t.threads), t.model, feed, t.backend.name,
                           meta.get("precision", ""))
 
 
-def _measure(t: Target, art: Artifact, reference: Reference) -> Measurement:
+MeasuredBy = Literal["mlopt compile", "mlopt measure"]
+
+
+def measure_build(t: Target, art: Artifact, reference: Reference, by: MeasuredBy = "mlopt compile",
+                  fresh: bool = False) -> Measurement:
+    """Time ``art`` on this machine with the recipe's benchmark plan (cached by artifact, host and plan;
+    ``fresh`` measures again and replaces the cached figures). ``by`` names the command in the provenance."""
     run, backend, threads = t.run, t.backend, t.threads
     plan = run.recipe.benchmark.model_copy(update={"threads": threads, "batch_sizes": run.batch_sizes})
     host = detect.host()
     key = key_of({"artifact": art.key, "host": host, "plan": plan.model_dump(), "eval": run.data_key("evaluation"),
                   "memory": MEMORY_METHOD})
 
-    def produce(work: Path) -> dict[str, Any]:
+    def produce(work: Path | None = None) -> dict[str, Any]:
         feeds = {b: run.sample_feed(b) for b in plan.batch_sizes}
         figures = measure(lambda: backend.load(art.path, art.meta, threads), feeds, plan)
         modules = list(backend.spec.run_modules)
         peak, method = peak_memory(backend.name, modules, art.path, art.meta, threads, feeds[max(feeds)])
         accuracy = _build_accuracy(run, backend.load(art.path, art.meta, threads), reference)
         provenance = Provenance(host=host, libraries=backend.toolchain(), threads=threads,
-                                measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                                measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), measured_by=by)
         return Measurement(provenance=provenance, batches=figures["batches"], peak_memory_bytes=peak,
                            memory_method=method, noisy=figures["noisy"], accuracy=accuracy
                            ).model_dump(mode="json", exclude_unset=True)
 
-    _, meta, hit = run.store.cached_step("measure", key, produce)
+    if fresh:
+        meta, hit = produce(), False
+        run.store.record_step("measure", key, meta)
+    else:
+        _, meta, hit = run.store.cached_step("measure", key, produce)
     m = Measurement.model_validate(meta)
     run.log(f"[measure] {art.build.sku}/{backend.name}: " + ", ".join(
         f"b{b.batch_size} p50 {b.p50_ms:.2f} ms" for b in m.batches) + (" (cached)" if hit else ""))
@@ -206,7 +217,7 @@ def _build_accuracy(run: Run, runner: Callable, reference: Reference) -> Accurac
                     within_budget=ref - value <= run.recipe.accuracy.max_drop + 1e-12)
 
 
-def _choose(cands: list[Candidate]) -> tuple[Candidate | None, str]:
+def choose(cands: list[Candidate]) -> tuple[Candidate | None, str]:
     """The fastest measured build (geometric mean of p50 over the batch sizes); else the first built."""
     measured = [c for c in cands if c.status == "built" and c.measurement]
     if measured:
@@ -218,7 +229,7 @@ def _choose(cands: list[Candidate]) -> tuple[Candidate | None, str]:
     return None, "no backend produced a build"
 
 
-def _cost(sku: SKU, m: Measurement) -> Cost | None:
+def cost_of(sku: SKU, m: Measurement) -> Cost | None:
     if sku.price is None:
         return None
     best = max(m.batches, key=lambda b: b.throughput_per_s or 0)

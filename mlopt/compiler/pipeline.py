@@ -68,7 +68,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = 
     _check_dims(recipe, model)
     _check_batch_memory(recipe, model)
     with run.stage("reference"):
-        reference = _reference(run, model)
+        reference = reference_of(run, model)
     with run.stage("passes"):
         final, pass_reports = _passes(run, model, reference)
     version_key = key_of({"input": model.digest, "passes": [p.model_dump(mode="json") for p in recipe.passes],
@@ -81,7 +81,8 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = 
     manifest = Manifest(
         mlopt_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        recipe=RecipeRef(name=recipe.name, digest=hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()),
+        recipe=RecipeRef(name=recipe.name, digest=hashlib.sha256(dump_recipe(recipe).encode()).hexdigest(),
+                         resolved=recipe.model_dump(mode="json")),
         host=detect.host(),
         toolchain=toolchain(),
         store=str(store.root),
@@ -225,12 +226,23 @@ def _ingest(run: Run) -> tuple[Model, bool]:
     return model, hit
 
 
-def _reference(run: Run, model: Model) -> Reference:
+def reference_key(run: Run, model_digest: str) -> str:
+    """The store key of the reference step of the model ``model_digest`` on the run's evaluation data."""
+    return key_of({"model": model_digest, "data": run.data_key("evaluation"), "ort": package_version("onnxruntime")})
+
+
+def stored_reference(folder: Path, meta: dict[str, Any]) -> Reference:
+    """The reference a step folder of the store holds (its outputs loaded only when scored)."""
+    outputs = lambda: dict(np.load(folder / "outputs.npz"))  # noqa: E731 - loaded only when scored
+    return Reference(accuracy=ReferenceAccuracy.model_validate(meta), outputs=outputs)
+
+
+def reference_of(run: Run, model: Model) -> Reference:
     """The original model's outputs on the evaluation data and its metric (cached)."""
     ev = run.recipe.data.evaluation
     if ev is None:
         return Reference()
-    key = key_of({"model": model.digest, "data": run.data_key("evaluation"), "ort": package_version("onnxruntime")})
+    key = reference_key(run, model.digest)
 
     def produce(work: Path) -> dict[str, Any]:
         runner = onnx_runner(model.onnx_path, run.recipe.benchmark.threads)
@@ -241,8 +253,7 @@ def _reference(run: Run, model: Model) -> Reference:
 
     folder, meta, _ = run.store.cached_step("reference", key, produce)
     run.log(f"[reference] {meta['metric']} = {meta['value']:.4f} on {meta['samples']} samples")
-    outputs = lambda: dict(np.load(folder / "outputs.npz"))  # noqa: E731 - loaded only when scored
-    return Reference(accuracy=ReferenceAccuracy.model_validate(meta), outputs=outputs)
+    return stored_reference(folder, meta)
 
 
 def _onnx_latency(run: Run, path: Path) -> float:
