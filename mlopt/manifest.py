@@ -66,6 +66,8 @@ class Accuracy(Record):
     reference: float = Field(description="Metric of the original model on the same data.")
     drop: float = Field(description="reference - value.")
     within_budget: bool
+    per_output: dict[str, float] | None = Field(
+        None, description="Fidelity metrics (cosine, relative-error, snr): each output's figure; value is the worst.")
 
 
 class Measurement(Record):

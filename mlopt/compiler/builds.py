@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 
 from mlopt.compiler import validate as check
 from mlopt.compiler.measure import MEMORY_METHOD, measure, peak_memory
-from mlopt.compiler.run import Reference, Run, evaluate, geomean
+from mlopt.compiler.run import Reference, Run, evaluate_outputs, geomean
 from mlopt.core.artifact import BuildInfo, BuildOutput, Validation
 from mlopt.core.errors import MloptError, ValidationMismatch, disk_full
 from mlopt.core.files import key_of
@@ -212,9 +212,10 @@ def _build_accuracy(run: Run, runner: Callable, reference: Reference) -> Accurac
     if reference.accuracy is None:
         return None
     ref = reference.accuracy.value
-    value = evaluate(run, runner, reference)
+    value, per_output = evaluate_outputs(run, runner, reference)
     return Accuracy(metric=reference.accuracy.metric, value=value, reference=ref, drop=ref - value,
-                    within_budget=ref - value <= run.recipe.accuracy.max_drop + 1e-12)
+                    within_budget=ref - value <= run.recipe.accuracy.max_drop + 1e-12,
+                    **({"per_output": per_output} if per_output else {}))
 
 
 def choose(cands: list[Candidate]) -> tuple[Candidate | None, str]:

@@ -109,7 +109,7 @@ def _array(value: Any, s: InputSpec, where: str, k: int) -> np.ndarray:
     """One input of one batch as a contiguous array of the signature's dtype, finite and of the right shape."""
     dtype = s.dtype if s.dtype != "bfloat16" else np.float32
     try:
-        arr = np.ascontiguousarray(np.asarray(value), dtype=dtype)
+        arr = np.asarray(value, dtype=dtype, order="C")  # (ascontiguousarray would make a rank-0 input rank 1)
     except (TypeError, ValueError) as e:
         raise BadInput(f"data source {where}: batch {k} input {s.name!r} cannot be read as {s.dtype} ({_cause(e)})",
                        hint="yield numeric arrays") from None
@@ -149,16 +149,32 @@ def concat_outputs(per_batch: list[Outputs]) -> Outputs:
     return out
 
 
+METRIC_VERSION = 2  # changes when a built-in metric's definition does (2: fidelity over every output)
+
+
 def score(ev: Evaluation, outputs: Outputs, labels: np.ndarray | None, reference: Outputs | None) -> float:
     """The evaluation metric of ``outputs`` (higher is better)."""
+    return score_outputs(ev, outputs, labels, reference)[0]
+
+
+def score_outputs(ev: Evaluation, outputs: Outputs, labels: np.ndarray | None,
+                  reference: Outputs | None) -> tuple[float, dict[str, float] | None]:
+    """The metric, and for a fidelity metric each output's figure (the worst output decides)."""
+    if ev.metric in FIDELITY:
+        ref = _need(reference)
+        per = {name: FIDELITY[ev.metric](np.asarray(outputs[name], np.float64), np.asarray(ref[name], np.float64))
+               for name in ref}
+        return min(per.values()), per
+    return _score(ev, outputs, labels, reference), None
+
+
+def _score(ev: Evaluation, outputs: Outputs, labels: np.ndarray | None, reference: Outputs | None) -> float:
     if ev.metric == "accuracy":
         if labels is None:
             raise BadInput(f"metric 'accuracy' needs labels, but {ev.source} yields none", hint="use 'top1-agreement'")
         return float(np.mean(_first(outputs).argmax(-1) == labels.reshape(-1)))
     if ev.metric == "top1-agreement":
         return float(np.mean(_first(outputs).argmax(-1) == _first(_need(reference)).argmax(-1)))
-    if ev.metric == "cosine":
-        return _cosine(_first(outputs), _first(_need(reference)))
     return _custom_metric(ev.metric, outputs, labels)
 
 
@@ -199,8 +215,36 @@ def _need(reference: Outputs | None) -> Outputs:
     return reference
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a2, b2 = a.reshape(len(a), -1), b.reshape(len(b), -1)
+def _cosine(got: np.ndarray, ref: np.ndarray) -> float:
+    """Mean per-sample cosine similarity; for an output with one value a sample (a probability, a score),
+    whose cosine is only its sign, ``1 - relative L2 error`` over the batch instead."""
+    if got.ndim == 0 or got.size == len(got):
+        return _relative(got, ref)
+    a2, b2 = got.reshape(len(got), -1), ref.reshape(len(ref), -1)
     num = np.sum(a2 * b2, axis=1)
     den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-    return float(np.mean(num / np.maximum(den, 1e-12)))
+    both_zero = (np.linalg.norm(a2, axis=1) == 0) & (np.linalg.norm(b2, axis=1) == 0)
+    return float(np.mean(np.where(both_zero, 1.0, num / np.maximum(den, 1e-12))))
+
+
+def _relative(got: np.ndarray, ref: np.ndarray) -> float:
+    """``1 - ||got - ref|| / ||ref||`` over the whole output, at least 0 (1: identical)."""
+    norm, err = float(np.linalg.norm(ref)), float(np.linalg.norm(got - ref))
+    if norm == 0:
+        return 1.0 if err == 0 else 0.0
+    return max(0.0, 1.0 - err / norm)
+
+
+SNR_CAP_DB = 100.0  # identical outputs: the figure stays finite (strict JSON)
+
+
+def _snr(got: np.ndarray, ref: np.ndarray) -> float:
+    """Signal-to-noise ratio in dB, ``10 log10(||ref||^2 / ||got - ref||^2)``, capped at 100 dB."""
+    signal, noise = float(np.sum(ref * ref)), float(np.sum((got - ref) ** 2))
+    if noise == 0:
+        return SNR_CAP_DB
+    return min(SNR_CAP_DB, 10 * np.log10(max(signal, 1e-300) / noise))
+
+
+# Metrics comparing every output with the original model's (the worst output decides); higher is better.
+FIDELITY = {"cosine": _cosine, "relative-error": _relative, "snr": _snr}

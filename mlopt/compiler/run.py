@@ -16,7 +16,7 @@ import numpy as np
 
 from mlopt.core.spec import InputSpec, fixed_batch, row_axes
 from mlopt.core.util import Log
-from mlopt.compiler.data import Batches, concat_outputs, load_batches, score
+from mlopt.compiler.data import METRIC_VERSION, Batches, concat_outputs, load_batches, score_outputs
 from mlopt.compiler.feeds import random_feed
 from mlopt.manifest import ReferenceAccuracy
 from mlopt.recipes.schema import Recipe
@@ -55,6 +55,7 @@ class Run:
         if src is None:
             return None
         h = hashlib.sha256(json.dumps(src.model_dump(mode="json"), sort_keys=True).encode())
+        h.update(f"metrics {METRIC_VERSION}".encode())
         for part in (src.source.rpartition(":")[0] or src.source, getattr(src, "metric", "").rpartition(":")[0]):
             if part and Path(part).is_file():
                 h.update(Path(part).read_bytes())
@@ -118,10 +119,15 @@ class Reference:
 
 def evaluate(run: Run, runner: Callable, reference: Reference) -> float:
     """The recipe's metric of ``runner`` on the evaluation data."""
+    return evaluate_outputs(run, runner, reference)[0]
+
+
+def evaluate_outputs(run: Run, runner: Callable, reference: Reference) -> tuple[float, dict[str, float] | None]:
+    """The recipe's metric of ``runner`` on the evaluation data, and each output's figure (fidelity metrics)."""
     ev = run.recipe.data.evaluation
     outs = concat_outputs([runner(f) for f in run.evaluation.feeds])
     assert reference.outputs is not None, "evaluate needs a reference computed on evaluation data"
-    return score(ev, outs, run.evaluation.labels, reference.outputs())
+    return score_outputs(ev, outs, run.evaluation.labels, reference.outputs())
 
 
 

@@ -93,7 +93,7 @@ class DataSource(Strict):
         return v
 
 
-BUILTIN_METRICS = ("accuracy", "top1-agreement", "cosine")
+BUILTIN_METRICS = ("accuracy", "top1-agreement", "cosine", "relative-error", "snr")
 
 
 class Evaluation(DataSource):
@@ -102,8 +102,10 @@ class Evaluation(DataSource):
     metric: str = Field(
         "cosine",
         description="'accuracy' (argmax of the first output vs labels), 'top1-agreement' (argmax vs the "
-        "original model's), 'cosine' (mean cosine similarity of outputs to the original's), or a "
-        "'module:function(outputs: dict[str, ndarray], labels) -> float' (higher is better).",
+        "original model's), or a fidelity metric over every output, the worst output deciding: 'cosine' (mean "
+        "per-sample cosine similarity to the original's; 1 - relative L2 error for an output with one value a "
+        "sample), 'relative-error' (1 - ||out - original|| / ||original||), 'snr' (signal-to-noise ratio in dB, "
+        "at most 100); or a 'module:function(outputs: dict[str, ndarray], labels) -> float' (higher is better).",
     )
 
     @field_validator("metric")

@@ -69,8 +69,9 @@ def device(entry: Mapping[str, Any]) -> Any:
 
 
 def libraries(entry: Mapping[str, Any]) -> dict[int | None, str]:
-    """Library per batch size (None: the default, dynamic-shape library)."""
-    return {None: entry["library"], **{int(b): f for b, f in entry.get("tuned", {}).items()}}
+    """Library per batch size (None: the default library; static builds have one per batch size)."""
+    return {None: entry["library"], **{int(b): f for b, f in {**entry.get("static", {}),
+                                                               **entry.get("tuned", {})}.items()}}
 
 
 def vm(folder: Path, library: str, dev: Any) -> Any:
@@ -94,13 +95,37 @@ def load(folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> R
     vms = {b: vm(folder, lib, dev) for b, lib in libraries(entry).items()}
     names, fn = entry["inputs"], entry["function"]
 
-    def run(feed: dict[str, Any]) -> dict[str, Any]:
-        first = feed[names[0]]
-        machine = vms.get(len(first), vms[None]) if len(vms) > 1 and np.ndim(first) else vms[None]
+    def once(machine: Any, feed: dict[str, Any]) -> dict[str, Any]:
         # C order, as TVM tensors need; np.require keeps 0-d inputs 0-d (ascontiguousarray would not)
         res = machine[fn](*[tvm.runtime.tensor(np.require(feed[n], requirements="C"), dev) for n in names])
-        outs = [res] if hasattr(res, "numpy") else list(res)
-        return {n: o.numpy() for n, o in zip(entry["outputs"], outs)}
+        single = hasattr(res, "numpy") or not hasattr(res, "__len__") or type(res).__name__ in ("Shape", "ShapeTuple")
+        outs = [res] if single else list(res)
+        return {n: _array(o) for n, o in zip(entry["outputs"], outs)}
+
+    def _array(value: Any) -> Any:
+        """A tensor's values; a shape the VM returns (a ShapeTuple, or one int for a rank-0 shape) as int64."""
+        if hasattr(value, "numpy"):
+            return value.numpy()
+        return np.asarray(list(value) if hasattr(value, "__len__") else value, dtype=np.int64)
+
+    def run(feed: dict[str, Any]) -> dict[str, Any]:
+        first = feed[names[0]]
+        batch = len(first) if np.ndim(first) else None
+        if batch in vms or len(vms) == 1 or batch is None:
+            return once(vms.get(batch, vms[None]), feed)
+        if not entry.get("static"):
+            return once(vms[None], feed)
+        return chunked(batch, feed)
+
+    def chunked(batch: int, feed: dict[str, Any]) -> dict[str, Any]:
+        """A batch no static library was built for: in slices of the largest built size that divides it."""
+        step = max((b for b in vms if b is not None and batch % b == 0), default=None)
+        if step is None:
+            raise ValueError(f"this build has static libraries for batch sizes {sorted(b for b in vms if b)}; "
+                             f"a batch of {batch} is none of them nor a multiple of one")
+        parts = [once(vms[step], {n: (v[k:k + step] if np.ndim(v) and len(v) == batch else v) for n, v in feed.items()})
+                 for k in range(0, batch, step)]
+        return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
 
     return run
 

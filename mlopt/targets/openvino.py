@@ -134,9 +134,24 @@ def _convert(onnx_path: Path) -> Any:
     try:
         return ov.convert_model(str(onnx_path))
     except Exception as e:  # the frontend raises OpConversionFailure, GeneralFailure ...; keep the message
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise UnsupportedOperator(f"OpenVINO cannot convert the model: {type(e).__name__}: {first}",
+        raise UnsupportedOperator(f"OpenVINO cannot convert the model: {conversion_cause(e)}",
                                   hint="use the onnxruntime backend for this model") from None
+
+
+def conversion_cause(e: Exception) -> str:
+    """The useful part of OpenVINO's conversion error: its summary of the failed operators and the first
+    operator's reason (the message's first line only names a C++ source line)."""
+    text = str(e).strip()
+    failed = re.search(r"Conversion is failed for: ([^\n]+)", text)
+    reasons = [line.strip() for line in text.splitlines()
+               if line.strip() and not line.lstrip().startswith(("Check ", "FrontEnd API", "[ONNX Frontend]",
+                                                                  "While validating", "--", "Summary",
+                                                                  "Model wasn't"))]
+    if failed:
+        why = f" ({reasons[0][:160]})" if reasons else ""
+        return f"{type(e).__name__}: operators {failed.group(1).strip()[:200]} failed to convert{why}"
+    first = text.splitlines()[0][:300] if text else ""
+    return f"{type(e).__name__}: {first}"
 
 
 AUTO_NAME = re.compile(r"^([A-Z][A-Za-z0-9]*)_\d+$")

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from mlopt.core.errors import MloptError, UnsupportedOperator
 from mlopt.core.model import FLOAT_PRECISIONS
 from mlopt.runtime.tvm import ENTRY_FILE
 from mlopt.targets import gpu_toolchain
@@ -33,7 +35,7 @@ from mlopt.targets.backends import (
 from mlopt.targets.catalog import SKU
 from mlopt.targets.devcode import require_device_code
 from mlopt.targets.tvm_lower import GPU_KINDS, _cross_linker, compile_module
-from mlopt.targets.tvm_onnx import check_ops
+from mlopt.targets.tvm_onnx import check_ops, static_onnx
 
 # TVM sizes its thread pool once, from TVM_NUM_THREADS, when the runtime starts: without it, it uses
 # half the cores on x86 and config_threadpool can only lower that. Set it before tvm is imported.
@@ -78,11 +80,10 @@ class TVMBackend(Backend):
         check_ops(proto)
         target_dict = dict(req.sku.tvm_target or {})
         kind = target_dict.get("kind", "llvm")
-        library = "model.so"
         details: dict[str, Any] = {"target": target_dict, "tuning_trials": req.tuning_trials}
         if kind in GPU_KINDS:
             details["toolchain"] = gpu_toolchain.prepare_cuda() if kind == "cuda" else gpu_toolchain.prepare_rocm()
-        self._compile(proto, None, target_dict, out / library, req)
+        library, static, details["shapes"] = self._compile_shaped(proto, target_dict, out, req)
         if kind in GPU_KINDS:
             details["device_code"] = _device_code(out / library, req.sku.arch)
         tuned: dict[str, str] = {}
@@ -93,7 +94,7 @@ class TVMBackend(Backend):
 
             tuned, details["tuning"] = tune_static(proto, req, target_dict, out, self._compile)
         entry = {
-            "library": library, "function": "main", "tuned": tuned,
+            "library": library, "function": "main", "tuned": tuned, "static": static,
             "inputs": [i.name for i in req.model.inputs], "outputs": list(req.model.outputs),
             "target": target_dict, "machine": req.sku.machine, "device": GPU_KINDS.get(kind, "cpu"),
             "requires": self.requires(req.sku),
@@ -109,14 +110,40 @@ class TVMBackend(Backend):
             precision = "float32"
         return {"precision": precision, "entry": ENTRY_FILE, "format": "tvm-relax-vm", "details": details}
 
-    def _compile(self, proto: Any, shapes: dict[str, list[int]] | None, target_dict: dict[str, Any], dest: Path,
-                 req: BuildRequest, database: Any = None) -> None:
-        """The library of ``proto``. An untuned CPU build compiles in a fresh interpreter: TVM's bytes
-        depend on the process's history (see ``tvm_isolated``); GPU and tuned builds compile here."""
-        if ISOLATE_CPU_BUILDS and database is None and shapes is None and target_dict.get("kind", "llvm") not in GPU_KINDS:
+    def _compile_shaped(self, proto: Any, target_dict: dict[str, Any], out: Path,
+                        req: BuildRequest) -> tuple[str, dict[str, str], str]:
+        """The untuned library: one with the signature's shapes (every dynamic axis but the batch bound
+        from ``benchmark.dims``, the batch symbolic); where TVM's frontend cannot import a symbolic batch,
+        one static library per benchmark batch size. Returns (default library, {batch: library}, how)."""
+        try:
+            self._compile(proto, signature_shapes(req, None), target_dict, out / "model.so", req)
+            return "model.so", {}, f"batch axis {req.batch_axis!r} symbolic, other axes from the signature"
+        except Exception as e:  # the frontend's and the lowering's errors are many and untyped
+            if (isinstance(e, MloptError) and not isinstance(e, UnsupportedOperator)) or \
+                    not any(req.batch_axis in i.shape for i in req.model.inputs):
+                raise
+            symbolic_failure = f"{type(e).__name__}: {e}".splitlines()[0]
+        import onnx
+
+        static = {}
+        with tempfile.TemporaryDirectory(prefix="mlopt-tvm-static-") as tmp:
+            for b in sorted(req.batch_sizes):
+                folded = static_onnx(req.model.onnx_path, signature_shapes(req, b), Path(tmp) / f"b{b}.onnx")
+                static[str(b)] = f"model-b{b}.so"
+                self._compile(onnx.load(str(folded)), None, target_dict, out / static[str(b)], req, source=folded)
+        return (static[str(min(req.batch_sizes))], static,
+                f"static, one library per batch size {sorted(req.batch_sizes)}, shapes folded by ONNX Runtime's "
+                f"basic optimizations (a symbolic batch failed: {symbolic_failure[:200]})")
+
+    def _compile(self, proto: Any, shapes: dict[str, list[int | str]] | None, target_dict: dict[str, Any],
+                 dest: Path, req: BuildRequest, database: Any = None, source: Path | None = None) -> None:
+        """The library of ``proto`` (read from ``source``, else the model's file). An untuned CPU build
+        compiles in a fresh interpreter: TVM's bytes depend on the process's history (see
+        ``tvm_isolated``); GPU and tuned builds compile here."""
+        if ISOLATE_CPU_BUILDS and database is None and target_dict.get("kind", "llvm") not in GPU_KINDS:
             from mlopt.targets.tvm_isolated import compile_isolated
 
-            return compile_isolated(req.model.onnx_path, target_dict, dest, req.sku.machine)
+            return compile_isolated(source or req.model.onnx_path, target_dict, dest, req.sku.machine, shapes)
         return compile_module(proto, shapes, target_dict, dest, req.sku.machine, database)
 
     # ------------------------------------------------------------ run
@@ -144,6 +171,13 @@ class TVMBackend(Backend):
             lld, bitcode = gpu_toolchain.find_lld(), gpu_toolchain.rocm_bitcode_dir()
             extra = {"ld.lld": str(lld[1]) if lld else "absent", "rocm-bitcode": str(bitcode or "absent")}
         return {**self.toolchain(), **extra}
+
+
+def signature_shapes(req: BuildRequest, batch: int | None) -> dict[str, list[int | str]]:
+    """Each input's shape for TVM's frontend: dynamic axes bound from ``benchmark.dims``, the batch axis
+    bound to ``batch`` (None keeps it symbolic, by name)."""
+    bound = {**req.dims, **({req.batch_axis: batch} if batch is not None else {})}
+    return {i.name: [d if isinstance(d, int) else bound.get(d, d) for d in i.shape] for i in req.model.inputs}
 
 
 def _gpu_availability(sku: SKU, kind: str, host_runs_sku: bool) -> Availability:

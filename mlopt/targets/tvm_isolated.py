@@ -31,7 +31,8 @@ from mlopt.core import errors
 from mlopt.core.errors import BackendUnavailable, MloptError
 
 
-def compile_isolated(onnx_path: Path, target_dict: dict[str, Any], dest: Path, machine: str) -> None:
+def compile_isolated(onnx_path: Path, target_dict: dict[str, Any], dest: Path, machine: str,
+                     shapes: dict[str, list[int | str]] | None = None) -> None:
     """``tvm_lower.compile_module`` of the ONNX file at ``onnx_path`` in a child interpreter; its errors are
     raised here as they were there."""
     with tempfile.TemporaryDirectory(prefix="mlopt-tvm-") as tmp:
@@ -41,7 +42,7 @@ def compile_isolated(onnx_path: Path, target_dict: dict[str, Any], dest: Path, m
         # checkout or the store sits changes no allocation in the compiler, so no byte of its output.
         (work / "in").symlink_to(Path(onnx_path).resolve().parent, target_is_directory=True)
         job = {"onnx": f"in/{Path(onnx_path).name}", "target": target_dict, "dest": "out.so",
-               "machine": machine, "result": "result.json"}
+               "machine": machine, "result": "result.json", "shapes": shapes}
         (work / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         proc = subprocess.run([sys.executable, "-m", "mlopt.targets.tvm_isolated", "job.json"], env=env, cwd=work,
@@ -101,7 +102,7 @@ def main(job_file: str) -> None:
 
         from mlopt.targets.tvm_lower import compile_module
 
-        compile_module(onnx.load(job["onnx"]), None, job["target"], Path(job["dest"]), job["machine"])
+        compile_module(onnx.load(job["onnx"]), job.get("shapes"), job["target"], Path(job["dest"]), job["machine"])
     except MloptError as e:
         outcome = {"error": type(e).__name__, "message": e.message, "hint": e.hint}
     except Exception as e:  # the compiler's own error: its type name and first line, as in the parent

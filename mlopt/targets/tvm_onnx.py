@@ -3,6 +3,7 @@ and the import that names a frontend failure instead of passing its many excepti
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mlopt.core.errors import UnsupportedOperator
@@ -23,9 +24,53 @@ def check_ops(proto: Any) -> None:
         )
 
 
-def import_onnx(proto: Any, shapes: dict[str, list[int]] | None, from_onnx: Any) -> Any:
-    """The Relax module of ``proto`` (static ``shapes`` where given); a frontend failure is UnsupportedOperator."""
+def import_onnx(proto: Any, shapes: dict[str, list[int | str]] | None, from_onnx: Any) -> Any:
+    """The Relax module of ``proto`` with the inputs' ``shapes`` where given (a name is a symbolic axis,
+    one variable per name); a frontend failure is UnsupportedOperator naming the cause."""
     try:
-        return from_onnx(proto, shape_dict=shapes, keep_params_in_input=False)
+        return from_onnx(proto, shape_dict=_relax_shapes(shapes), keep_params_in_input=False)
     except Exception as e:  # the frontend raises many types; name the failure, keep the message
-        raise UnsupportedOperator(f"TVM's ONNX frontend failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        text = str(e).strip().splitlines()
+        raise UnsupportedOperator(
+            f"TVM's ONNX frontend failed: {type(e).__name__}: {(text[0] if text else '')[:300]}",
+            hint="use the onnxruntime or openvino backend for this model, or fix its dynamic axes in "
+                 "benchmark.dims") from None
+
+
+def _relax_shapes(shapes: dict[str, list[int | str]] | None) -> dict[str, list[Any]] | None:
+    """Shapes with each named axis as one TIR variable shared by every input that has it."""
+    if shapes is None:
+        return None
+    import tvm
+
+    var = getattr(tvm, "tirx", None) or tvm.tir
+    axes: dict[str, Any] = {}
+    return {name: [axes.setdefault(d, var.Var(d, "int64")) if isinstance(d, str) else int(d) for d in dims]
+            for name, dims in shapes.items()}
+
+
+def static_onnx(source: Path, shapes: dict[str, list[int | str]], dest: Path) -> Path:
+    """``source`` with its inputs' dimensions fixed to ``shapes``, then constant-folded by ONNX Runtime's
+    basic (standard-operator) optimizations: the ``Shape``/``Gather``/``Concat`` chains that compute shapes
+    fold to constants, which TVM's frontend needs where it cannot carry a symbolic shape through them."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(source))
+    for inp in proto.graph.input:
+        if inp.name not in shapes:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        for d, value in zip(dims, shapes[inp.name]):
+            if isinstance(value, int):
+                d.Clear()
+                d.dim_value = value
+    fixed = dest.with_suffix(".fixed.onnx")
+    onnx.save(proto, str(fixed))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(dest)
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(fixed), opts, providers=["CPUExecutionProvider"])
+    fixed.unlink()
+    return dest
