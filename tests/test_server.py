@@ -40,7 +40,7 @@ def _free_port() -> int:
 class Served:
     """The entry point serving one build in a subprocess."""
 
-    def __init__(self, d: Deployable, tmp: Path, **changes: dict):
+    def __init__(self, d: Deployable, tmp: Path, prefix: tuple[str, ...] = (), **changes: dict):
         spec = serve_spec(d, ServingOptions())
         for key, value in changes.items():
             spec[key] = {**spec[key], **value}
@@ -48,7 +48,7 @@ class Served:
         (tmp / "serve.json").write_text(json.dumps(spec))
         self.port, self.grpc_port = _free_port(), _free_port()
         self.url = f"127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, entry.__file__, "--serving", str(tmp / "serve.json"),
+        self.proc = subprocess.Popen([*prefix, sys.executable, entry.__file__, "--serving", str(tmp / "serve.json"),
                                       "--model-dir", str(d.artifact.path), "--host", "127.0.0.1",
                                       "--port", str(self.port), "--grpc-port", str(self.grpc_port)],
                                      stderr=subprocess.PIPE, text=True)
@@ -364,6 +364,32 @@ def test_sigterm_turns_readiness_off_and_finishes_in_flight_requests(ort: Deploy
                                    _reference(ort, x), atol=1e-4)
         code, err = s.proc.wait(timeout=20), s.proc.stderr.read()
         assert code == 0 and "readiness off" in err and "Traceback" not in err, err
+    finally:
+        s.stop()
+
+
+def _pid_namespaces() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _pid_namespaces(), reason="needs unshare --pid (root or user namespaces)")
+def test_sigterm_as_pid_1_drains_and_exits_0(ort: Deployable, tmp_path: Path) -> None:
+    """As a container's PID 1 a process gets no default SIGTERM action: only a handler stops it."""
+    s = Served(ort, tmp_path, prefix=("unshare", "--pid", "--fork"))
+    try:
+        children = Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()
+        [child] = children
+        [nspid] = [line for line in Path(f"/proc/{child}/status").read_text().splitlines() if line.startswith("NSpid:")]
+        assert nspid.split()[-1] == "1"  # PID 1 in its own PID namespace
+        assert s.infer_json(_inp())[0] == 200
+        import os
+
+        os.kill(int(child), signal.SIGTERM)
+        code, err = s.proc.wait(timeout=30), s.proc.stderr.read()
+        assert code == 0 and "readiness off" in err, err
     finally:
         s.stop()
 
