@@ -44,7 +44,7 @@ def deployable(manifest: Path | None, store: Path | None, tmp: Path):
 
     if manifest is None:
         subprocess.run([sys.executable, "-m", "mlopt.cli", "compile", str(ROOT / "examples/digits/recipe.yaml"),
-                        "--target", "host", "--store", str(tmp / "store"), "--out", str(tmp / "out")], check=True,
+                        "--store", str(tmp / "store"), "--out", str(tmp / "out")], check=True,
                        stdout=subprocess.DEVNULL)
         manifest, store = tmp / "out" / "manifest.json", tmp / "store"
     items, _ = deployables(read_manifest(manifest), Store(store), load_catalog())

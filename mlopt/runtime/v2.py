@@ -21,6 +21,7 @@ V2_TYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uin
             "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64", "FP16": "float16",
             "FP32": "float32", "FP64": "float64"}
 DTYPE_V2 = {v: k for k, v in V2_TYPES.items()}
+_NP_V2 = {np.dtype(v): k for k, v in V2_TYPES.items()}  # by dtype object: str(dtype) is slow on the hot path
 HEADER_LENGTH = "inference-header-content-length"
 DEFAULT_PRIORITY = 10  # priority 0 or none; 1 is the highest level (as Triton: a lower number goes first)
 
@@ -247,7 +248,7 @@ def encode(req: Request, outputs: Mapping[str, np.ndarray], model: str, version:
     tensors, blobs = [], []
     for name in req.outputs:
         arr = np.ascontiguousarray(outputs[name])
-        t = {"name": name, "datatype": DTYPE_V2.get(str(arr.dtype), str(arr.dtype).upper()), "shape": list(arr.shape)}
+        t = {"name": name, "datatype": _NP_V2.get(arr.dtype) or str(arr.dtype).upper(), "shape": list(arr.shape)}
         as_binary = name in req.binary or (arr.dtype.kind == "f" and not np.isfinite(arr).all())
         if as_binary:
             blob = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
