@@ -40,7 +40,8 @@ def _free_port() -> int:
 class Served:
     """The entry point serving one build in a subprocess."""
 
-    def __init__(self, d: Deployable, tmp: Path, prefix: tuple[str, ...] = (), **changes: dict):
+    def __init__(self, d: Deployable, tmp: Path, prefix: tuple[str, ...] = (), entry_cmd: tuple[str, ...] = (),
+                 model_dir: Path | None = None, **changes: dict):
         spec = serve_spec(d, ServingOptions())
         for key, value in changes.items():
             spec[key] = {**spec[key], **value}
@@ -48,8 +49,9 @@ class Served:
         (tmp / "serve.json").write_text(json.dumps(spec))
         self.port, self.grpc_port = _free_port(), _free_port()
         self.url = f"127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([*prefix, sys.executable, entry.__file__, "--serving", str(tmp / "serve.json"),
-                                      "--model-dir", str(d.artifact.path), "--host", "127.0.0.1",
+        command = entry_cmd or (sys.executable, entry.__file__)
+        self.proc = subprocess.Popen([*prefix, *command, "--serving", str(tmp / "serve.json"),
+                                      "--model-dir", str(model_dir or d.artifact.path), "--host", "127.0.0.1",
                                       "--port", str(self.port), "--grpc-port", str(self.grpc_port)],
                                      stderr=subprocess.PIPE, text=True)
         self.wait_ready()
@@ -239,6 +241,40 @@ def test_http_config_and_statistics_parse_as_tritons_protobufs(server: Served) -
     assert config.dynamic_batching.max_queue_delay_microseconds == 20000
     stats = json_format.ParseDict(server.get("/v2/models/stats")[1], service_pb2.ModelStatisticsResponse())
     assert stats.model_stats[0].name == NAME
+
+
+def test_the_image_layout_serves_with_only_its_shipped_runtime(ort: Deployable, tmp_path: Path) -> None:
+    """The files an image holds (entry.py, mlopt_runtime/, serve.json, the model), written out and
+    served with ``mlopt`` made unimportable: the server ships whole in ``mlopt_runtime``."""
+    from mlopt.package.contents import artifact_files, serving_files
+
+    root = tmp_path / "rootfs"
+    for f in artifact_files(ort) + serving_files(ort, ServingOptions()):
+        dest = root / f.path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if f.link is not None:
+            dest.symlink_to(f.link)
+        else:
+            dest.write_bytes(f.data if f.data is not None else Path(f.source).read_bytes())
+    opt = root / "opt" / "mlopt"
+    assert {"http_server.py", "grpc_server.py", "v2.py", "batcher.py", "served.py"} <= {
+        p.name for p in (opt / "mlopt_runtime").iterdir()}
+    assert "uvicorn==" in (opt / "serving" / "requirements.txt").read_text()
+    run_entry = ("import os, runpy, sys; sys.modules['mlopt'] = None; path = sys.argv.pop(1); sys.argv[0] = path; "
+                 "sys.path.insert(0, os.path.dirname(path)); runpy.run_path(path, run_name='__main__')")
+    spec_dir = tmp_path / "spec"
+    spec_dir.mkdir()
+    s = Served(ort, spec_dir, entry_cmd=(sys.executable, "-c", run_entry, str(opt / "entry.py")),
+               model_dir=opt / "model")
+    try:
+        c = tritonhttp.InferenceServerClient(s.url)
+        x = _x(2)
+        inp = tritonhttp.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_allclose(c.infer(NAME, [inp]).as_numpy("output"), _reference(ort, x), atol=1e-4)
+        c.close()
+    finally:
+        s.stop()
 
 
 # ------------------------------------------------------------------ what a client library will not send

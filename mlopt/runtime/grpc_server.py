@@ -144,6 +144,7 @@ def make_server(model: ServedModel, host: str, port: int) -> tuple[Any, int]:
     """A started gRPC server for ``model`` and its port (0 picks a free one)."""
     limit = model.limits.max_body_bytes
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="mlopt-grpc"),
+                         maximum_concurrent_rpcs=model.limits.max_concurrency,  # past it: RESOURCE_EXHAUSTED
                          options=[("grpc.max_receive_message_length", limit),
                                   ("grpc.max_send_message_length", 256 << 20)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(model), server)
