@@ -133,6 +133,21 @@ def load(port: int, clients: int, seconds: float, body: bytes) -> dict:
             "errors": errors[0], "resets": resets[0]}
 
 
+def executions(port: int) -> tuple[int, int] | None:
+    """(inferences, executions) from the statistics endpoint; None where the server has none."""
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/v2/models/stats")
+        r = c.getresponse()
+        body = r.read()
+        if r.status != 200:
+            return None
+        s = json.loads(body)["model_stats"][0]
+        return s["inference_count"], s["execution_count"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def bench_server(name: str, entry: Path, spec: Path, model_dir: Path, args: argparse.Namespace, body: bytes) -> list[dict]:
     port = _port()
     proc = serve(entry, spec, model_dir, port)
@@ -140,9 +155,12 @@ def bench_server(name: str, entry: Path, spec: Path, model_dir: Path, args: argp
     try:
         load(port, 1, 0.5, body)  # warm-up
         for n in args.clients:
-            before = rss_mb(proc.pid)
+            before, counts = rss_mb(proc.pid), executions(port)
             row = {"server": name, **load(port, n, args.seconds, body), "rss_mb_before": round(before, 1),
                    "rss_mb_after": round(rss_mb(proc.pid), 1)}
+            after = executions(port)
+            if counts and after and after[1] > counts[1]:
+                row["mean_batch"] = round((after[0] - counts[0]) / (after[1] - counts[1]), 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
     finally:
