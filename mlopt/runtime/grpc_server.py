@@ -87,9 +87,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         except QueueFull as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}; retry later")
         try:
-            outputs = future.result(timeout=req.timeout_us / 1e6 if req.timeout_us else None)
+            outputs = _result(future, req.timeout_us)
         except (Expired, futures.TimeoutError):
-            future.cancel()
             context.abort(grpc.StatusCode.UNAVAILABLE, "the request's timeout expired before it ran")
         except Exception as e:  # the runtime failed on a valid request
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
@@ -106,6 +105,16 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown version {version!r} of {m.name}; it has version {m.version}")
         if loaded and m.signature is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, m.error or f"model {m.name} is loading")
+
+
+def _result(future: futures.Future, timeout_us: int | None) -> Any:
+    """The outputs; past the timeout a request still queued is dropped, a running one is awaited."""
+    try:
+        return future.result(timeout=timeout_us / 1e6 if timeout_us else None)
+    except futures.TimeoutError:
+        if future.cancel():
+            raise
+        return future.result()
 
 
 def _as_v2(request: Any) -> tuple[dict[str, Any], bytes]:

@@ -21,7 +21,6 @@ import signal
 import socket
 import sys
 import time
-from concurrent.futures import CancelledError
 from typing import Any
 
 import uvicorn
@@ -39,6 +38,7 @@ EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "schedu
 BACKLOG = 2048
 OFFLOAD_BYTES = 256 << 10  # bodies above this are decoded and encoded off the event loop
 RETRY_AFTER_S = "1"
+DRAIN_BYTES = 4 << 20  # past the body limit, read and dropped before answering 413 (beyond it: close)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -111,11 +111,11 @@ class Api:
     async def _infer(self, request: Request) -> Response:
         m, limit = self.model, self.model.limits.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return _too_large(f"the body is {declared} bytes; this server takes at most {limit}")
-        body = await _read(request, limit)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit + DRAIN_BYTES):
+            return _too_large(f"the body is {declared} bytes; this server takes at most {limit}", close=True)
+        body, drained = await _read(request, limit)
         if body is None:
-            return _too_large(f"the body is over this server's limit of {limit} bytes")
+            return _too_large(f"the body is over this server's limit of {limit} bytes", close=not drained)
         try:
             req = await _maybe_offload(len(body), _decode, body, request.headers, m)
             future = m.batcher.submit(req.inputs, req.batch, req.priority, req.timeout_us)
@@ -157,29 +157,34 @@ async def _wait(future: Any, timeout_us: int | None) -> Any:
     if timeout_us is None:
         return await wrapped
     try:
-        return await asyncio.wait_for(wrapped, timeout_us / 1e6)
-    except (asyncio.TimeoutError, CancelledError):
-        future.cancel()  # still queued: the batcher skips it
-        raise asyncio.TimeoutError from None
+        return await asyncio.wait_for(asyncio.shield(wrapped), timeout_us / 1e6)
+    except asyncio.TimeoutError:
+        if future.cancel():  # still queued: the batcher skips it
+            raise
+        return await wrapped  # already running (as Triton, the timeout bounds the wait in the queue)
 
 
-async def _read(request: Request, limit: int) -> bytes | None:
-    """The body, or None past ``limit`` bytes (what was not read is not kept)."""
+async def _read(request: Request, limit: int) -> tuple[bytes | None, bool]:
+    """The body (None past ``limit`` bytes: the rest is read and dropped up to ``DRAIN_BYTES``
+    more), and whether it was read to its end."""
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
+            if size > limit + DRAIN_BYTES:
+                return None, False
+            if size <= limit:
+                chunks.append(chunk)
     except ClientDisconnect:
-        return b""
-    return b"".join(chunks)
+        return b"", True
+    return (b"".join(chunks) if size <= limit else None), True
 
 
-def _too_large(message: str) -> Response:
-    # the unread rest of the body must not be parsed as a next request: close the connection
-    return _error(413, message, {"Connection": "close"})
+def _too_large(message: str, close: bool) -> Response:
+    # a body read to its end leaves the connection usable; one that was not must not be parsed as the
+    # next request, so the connection closes (after a body drained up to DRAIN_BYTES, so that closing
+    # with unread data, which resets the connection, does not lose this answer for a modest overflow)
+    return _error(413, message, {"Connection": "close"} if close else None)
 
 
 def build_app(model: ServedModel) -> Starlette:
