@@ -162,8 +162,8 @@ def test_keep_alive_requests_are_not_delayed_by_nagle(client) -> None:
         t = time.perf_counter()
         client.infer(NAME, [inp], headers={"X-Priority": "1"})
         times.append(time.perf_counter() - t)
-    # each lone request waits out the 20 ms queue delay for company; Nagle would add ~40 ms more
-    assert float(np.median(times)) < 0.035, times
+    # each lone request waits out the 20 ms queue delay for company; Nagle would add ~40 ms more (60+)
+    assert float(np.median(times)) < 0.05, times
 
 
 def test_nan_outputs_stay_valid_json(client, server: Served) -> None:
