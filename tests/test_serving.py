@@ -8,6 +8,7 @@ import dataclasses
 import json
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -281,10 +282,12 @@ def test_entry_point_serves_the_build(cpu: Deployable, backend: str) -> None:
     d = with_backend(cpu, backend)
     model = entry.ServedModel(serve_spec(d, ServingOptions()), d.artifact.path)
     server = entry.make_server(model, "127.0.0.1", 0)
-    port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.port
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
-        assert _call(port, "/healthz")[0] == 503  # not loaded yet: the readiness probe waits
+        assert _wait_status(port, "/healthz") == 503  # not loaded yet: the readiness probe waits
+        assert _call(port, "/v2/models/digits-cnn/infer", {"inputs": []})[0] == 503  # loading
         model.load()
         assert _call(port, "/v2/health/ready") == (200, {"ready": True})
         x = _digits(3)
@@ -298,8 +301,18 @@ def test_entry_point_serves_the_build(cpu: Deployable, backend: str) -> None:
         status, out = _call(port, "/v2/models/digits-cnn/infer", {"inputs": [{"name": "y", "shape": [1], "data": [0]}]})
         assert status == 400 and "inputs must be ['x']" in out["error"]
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()
+        thread.join(10)
+
+
+def _wait_status(port: int, path: str) -> int:
+    """The status of ``path`` once the server thread answers."""
+    for _ in range(100):
+        try:
+            return _call(port, path)[0]
+        except urllib.error.URLError:
+            time.sleep(0.05)
+    raise AssertionError(f"no answer on port {port}")
 
 
 def test_entry_check_mode(cpu: Deployable, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -38,6 +38,16 @@ RUNTIME_OVERHEAD = 256 << 20  # Python, numpy and the runtime library beside the
 # and the array the runtime reads: 64 bytes per input element covers the widest encoding accepted.
 REQUEST_BYTES_PER_ELEMENT = 64
 RUN_AS = 65532  # the image's non-root user and group (the "nonroot" id distroless images use)
+JSON_BYTES_PER_ELEMENT = 24  # the longest float32 text ("-0.12345678901234568, ") a JSON body carries
+BODY_SLACK = 64 << 10  # the JSON header's names, shapes and parameters
+MAX_BODY = 64 << 20  # where an input has a free axis beside the batch axis
+MAX_QUEUE = 256  # requests waiting for the batcher; past it the server answers 503 with Retry-After
+MAX_CONCURRENCY = 1024  # connections and requests uvicorn holds at once (then 503)
+KEEP_ALIVE_S = 30  # an idle keep-alive connection is closed after this
+GRACE_S = 25  # SIGTERM drain, within Kubernetes' default 30 s termination grace period
+# the image's server: HTTP on uvicorn + starlette, gRPC on grpcio with the proto tritonclient ships compiled
+SERVER_PACKAGES = ("uvicorn==0.54.0", "starlette==1.10.0", "httptools==0.9.0", "uvloop==0.23.0", "grpcio==1.85.4",
+                   "protobuf==6.33.6", "tritonclient[grpc]==2.73.0")
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,24 @@ def plan_batching(measurement: Measurement | None, sla_ms: float | None, batchab
     return BatchPlan(top.batch_size, tuple(preferred), int(math.floor(delay_ms * 1000)), tuple(notes))
 
 
+def batch_plan(d: Deployable, options: ServingOptions) -> BatchPlan:
+    """The deployable's batching, for the Triton config and the image's own server alike."""
+    return plan_batching(d.entry.measurement, options.latency_sla_ms, d.batchable, options.unmeasured_max_batch)
+
+
+def request_limits(d: Deployable, plan: BatchPlan) -> dict[str, int]:
+    """What one request may carry: at most the largest measured batch (the measured peak memory,
+    which the exported memory request covers, is that batch's), and a body no larger than that
+    batch written as JSON."""
+    measured = [b.batch_size for b in d.entry.measurement.batches] if d.entry.measurement else []
+    batch = max([plan.max_batch_size, *measured]) or 1
+    per_sample = [math.prod(i.shape[1:]) if all(isinstance(x, int) for x in i.shape[1:]) else None
+                  for i in d.model.inputs]
+    body = MAX_BODY if None in per_sample else min(MAX_BODY, BODY_SLACK + batch * JSON_BYTES_PER_ELEMENT * sum(per_sample))
+    return {"max_request_batch": batch, "max_body_bytes": body, "max_queue": MAX_QUEUE,
+            "max_concurrency": MAX_CONCURRENCY, "keep_alive_s": KEEP_ALIVE_S, "grace_s": GRACE_S}
+
+
 def memory_request(d: Deployable) -> tuple[int, str]:
     """Bytes of memory to request for one replica, and where the figure comes from."""
     size = d.entry.artifact.size_bytes if d.entry.artifact else 0
@@ -171,10 +199,9 @@ def memory_request(d: Deployable) -> tuple[int, str]:
 
 
 def max_batch(d: Deployable, options: ServingOptions) -> int:
-    """The largest batch the server accepts and merges requests up to: Triton's ``max_batch_size``
-    from the measured curve and the SLA (1 for a model without a batch axis)."""
-    plan = plan_batching(d.entry.measurement, options.latency_sla_ms, d.batchable, options.unmeasured_max_batch)
-    return max(1, plan.max_batch_size)
+    """The largest batch the server runs: what one request may carry (``request_limits``), which is at
+    least the batch it merges requests up to (``batch_plan``); 1 for a model without a batch axis."""
+    return max(1, request_limits(d, batch_plan(d, options))["max_request_batch"])
 
 
 def per_sample_bytes(d: Deployable) -> int:
@@ -198,6 +225,7 @@ def memory_limit(d: Deployable, options: ServingOptions) -> tuple[int, str]:
 
 def serve_spec(d: Deployable, options: ServingOptions) -> dict[str, Any]:
     """The ``serve.json`` the in-image entry point reads."""
+    plan = batch_plan(d, options)
     return {
         "model": d.model.name, "version": d.entry.version, "sku": d.sku.name, "backend": d.backend,
         "loader": backend_spec(d.backend).loader,  # the mlopt_runtime module entry.py runs the build with
@@ -206,6 +234,9 @@ def serve_spec(d: Deployable, options: ServingOptions) -> dict[str, Any]:
         "threads": d.threads, "providers": list(d.sku.onnxruntime_providers), "openvino_device": d.sku.openvino_device,
         "port": options.port, "engine_cache": ENGINE_CACHE if is_jit(d.backend) else None,
         "requires": d.artifact.meta.get("requires") or {},
+        "batching": {"max_batch_size": plan.max_batch_size, "preferred": list(plan.preferred),
+                     "queue_delay_us": plan.queue_delay_us},
+        "limits": request_limits(d, plan),
     }
 
 
@@ -217,7 +248,7 @@ def requirements(d: Deployable) -> str:
     plan = _read_json(d.artifact.path / "engine_plan.json") or {}
     library = plan.get("library") or {}
     pins += [x for x in (library.get("requires"), library.get("runtime")) if x]
-    return "\n".join(["numpy"] + pins) + "\n"
+    return "\n".join(["numpy", *SERVER_PACKAGES] + pins) + "\n"
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from mlopt.package.serving import (
     BatchPlan,
     Deployable,
     ServingOptions,
-    plan_batching,
+    batch_plan,
     serve_spec,
     staged,
 )
@@ -279,7 +279,7 @@ def _semantic_problems(c: Any, pb: Any) -> list[str]:
 
 def config_text(d: Deployable, options: ServingOptions) -> str:
     """The validated config.pbtxt of one deployable."""
-    plan = plan_batching(d.entry.measurement, options.latency_sla_ms, d.batchable, options.unmeasured_max_batch)
+    plan = batch_plan(d, options)
     text = render(model_config(d, plan), plan.notes)
     validate(text, f"{d.slug} config.pbtxt")
     return text
