@@ -285,6 +285,8 @@ class Manifest(Record):
     entries: list[Entry]
     status: Literal["ok", "failed"]
     errors: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list, description="Candidates that failed on a SKU that still has "
+                                "a chosen build (schema 1.4): each backend's full reason.")
     stage_seconds: dict[str, float] = Field(default_factory=dict, description="Wall time of each pipeline stage.")
     gates: GateReport | None = Field(None, description="The comparison with a baseline manifest, when one was "
                                                        "given (schema 1.2).")

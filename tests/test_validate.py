@@ -114,3 +114,57 @@ def test_reduced_precision_passes_on_relative_l2_but_not_with_an_outlier_or_a_br
         validate.check_close(ref, transposed, tol.atol, tol.rtol, "b", tol.rel_l2)
     with pytest.raises(ValidationMismatch):  # float builds keep the elementwise rule alone
         validate.check_close(ref, noisy, 1e-4, 1e-3, "b")
+
+
+# ------------------------------------------------------------------ exit codes by one rule
+
+
+def _fail_validation_of(monkeypatch: pytest.MonkeyPatch, backends: set[str]) -> None:
+    """Builds of these backends fail validation, as a wrong kernel would; the others are checked as usual."""
+    real = validate.validate
+
+    def some_wrong(runner, model, feed, backend, precision):
+        if backend in backends:
+            raise ValidationMismatch("output", 0.5, 1e-4, 1e-3, f"{backend} build")
+        return real(runner, model, feed, backend, precision)
+
+    monkeypatch.setattr(validate, "validate", some_wrong)
+
+
+def test_a_sku_with_a_validated_build_is_exit_0_and_the_failed_one_a_warning(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from conftest import HOST, digits_recipe
+    from mlopt.cli import app
+
+    _fail_validation_of(monkeypatch, {"openvino"})
+    recipe = digits_recipe(tmp_path, targets=[HOST], backends={"cpu": ["onnxruntime", "openvino"]}, passes=[])
+    res = CliRunner().invoke(app, ["compile", str(recipe)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["status"] == "ok" and m["errors"] == []
+    assert [w.split(":")[0] for w in m["warnings"]] == [f"{HOST}/openvino"] and "differs" in m["warnings"][0]
+    assert m["entries"][0]["chosen_backend"] == "onnxruntime"
+    assert "warning:" in res.output
+
+
+def test_a_graph_failing_every_runnable_validation_ships_nowhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from conftest import ARM, HOST, digits_recipe
+    from mlopt.cli import app
+
+    _fail_validation_of(monkeypatch, {"onnxruntime"})
+    recipe = digits_recipe(tmp_path, targets=[HOST, ARM], backends=["onnxruntime"], passes=[])
+    res = CliRunner().invoke(app, ["compile", str(recipe)])
+    assert res.exit_code == 3, res.output
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    arm = next(e for e in m["entries"] if e["sku"] == ARM)
+    assert arm["chosen_backend"] is None and arm["artifact"] is None
+    assert arm["candidates"][0]["status"] == "built"  # built, kept in the store, but not what the SKU ships
+    assert any(e.startswith(f"{ARM}: not chosen: every build of this graph that ran here ({HOST})") for e in m["errors"])

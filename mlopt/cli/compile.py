@@ -37,6 +37,8 @@ def compile_cmd(source: Source, *, flags: dict[str, Any], dry_run: DryRun = Fals
         build_table(result.manifest)
         gates_summary(result.manifest)
         out.print(f"manifest: {result.manifest_path}")
+    for w in result.manifest.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
     for e in result.manifest.errors:
         err.print(f"[red]failed:[/] {e}", highlight=False)
     if result.error is not None:  # the build was reported above; publishing its images failed

@@ -42,7 +42,9 @@ class Target:
 
 
 def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
-              reference: Reference) -> tuple[Entry, list[str], int]:
+              reference: Reference) -> tuple[Entry, list[str], list[str], int]:
+    """The SKU's entry (each allowed backend's candidate built, validated, measured; one chosen), its
+    errors, its warnings and its exit code (``sku_outcome``)."""
     allowed = run.recipe.backends_for(sku.name, sku.kind)
     names = [b for b in sku.backends if allowed is None or b in allowed]
     runs_here, why_not = detect.host_runs(sku)
@@ -52,18 +54,27 @@ def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
         t = Target(run, model, sku, backend, version, backend.availability(sku, runs_here), why_not,
                    sku.threads or run.recipe.benchmark.threads)
         candidates.append(_candidate(t, version_key, reference))
-    errors = [f"{sku.name}/{c.backend}: {c.reason}" for c in candidates if c.status == "failed"]
     chosen, chosen_by = choose(candidates)
     entry = _entry(run, sku, version, chosen, chosen_by, candidates)
+    errors, warnings, code = sku_outcome(sku.name, candidates, chosen)
     if chosen is None and not names:
         errors.append(f"{sku.name}: none of the recipe's backends {allowed} serve this SKU "
                       f"(it supports {sku.backends})")
     elif chosen is None and not errors:
         errors.append(f"{sku.name}: no backend can build for it here, and none has an on-device (JIT) path: "
                       + "; ".join(f"{c.backend}: {c.reason}" for c in candidates))
-    code = 3 if any(c.validation and c.validation.status == "failed" for c in candidates) else \
-        (4 if chosen is None else 0)
-    return entry, errors, code
+    return entry, errors, warnings, code
+
+
+def sku_outcome(sku_name: str, candidates: list[Candidate], chosen: Candidate | None) -> tuple[list[str], list[str], int]:
+    """One rule for every SKU: with a chosen build (validated here, or built for a SKU this machine cannot
+    run) the SKU is fine and its failed candidates are warnings, with their full reasons; without one they
+    are errors, and the exit code is 3 where a build failed validation (numerics), else 4 (toolchain)."""
+    failed = [f"{sku_name}/{c.backend}: {c.reason}" for c in candidates if c.status == "failed"]
+    if chosen is not None:
+        return [], failed, 0
+    numerics = any(c.validation is not None and c.validation.status == "failed" for c in candidates)
+    return failed, [], 3 if numerics else 4
 
 
 def _entry(run: Run, sku: SKU, version: int, chosen: Candidate | None, chosen_by: str,

@@ -77,7 +77,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = 
                                                                  "final_digest": final.digest})
     _log_host(skus, log)
     with store.holding(recipe.model_name, version):  # gc keeps this version meanwhile; complete once done
-        entries, errors, codes = _build_skus(run, final, skus, version, version_key, reference)
+        entries, errors, warnings, codes = _build_skus(run, final, skus, version, version_key, reference)
     manifest = Manifest(
         mlopt_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -92,6 +92,7 @@ def build(recipe: Recipe, store: Store, log: Log = lambda _: None, push: bool = 
         entries=entries,
         status="failed" if any(codes) else "ok",
         errors=errors,
+        warnings=warnings,
         stage_seconds=run.stages,
     )
     if baseline is not None:
@@ -119,18 +120,40 @@ def _conclude(recipe: Recipe, store: Store, manifest: Manifest, path: Path, code
 
 
 def _build_skus(run: Run, final: Model, skus: list[tuple[Any, str | None]], version: int, version_key: str,
-                reference: Reference) -> tuple[list[Entry], list[str], list[int]]:
-    """Every SKU's entry (its candidates built, validated and measured), the errors and exit codes."""
-    entries, errors, codes = [], [], []
+                reference: Reference) -> tuple[list[Entry], list[str], list[str], list[int]]:
+    """Every SKU's entry (its candidates built, validated and measured), the errors, warnings and exit codes."""
+    entries, errors, warnings, codes = [], [], [], []
     for sku, requested_as in skus:
         with run.stage(f"build {sku.name}"):
-            entry, sku_errors, code = build_sku(run, final, sku, version, version_key, reference)
+            entry, sku_errors, sku_warnings, code = build_sku(run, final, sku, version, version_key, reference)
         if requested_as:
             entry = entry.model_copy(update={"requested_as": requested_as})
         entries.append(entry)
         errors += sku_errors
+        warnings += sku_warnings
         codes.append(code)
-    return entries, errors, codes
+    entries, unvalidated = _withhold_unvalidated(entries, codes)
+    return entries, errors + unvalidated, warnings, codes + [3] * bool(unvalidated)
+
+
+def _withhold_unvalidated(entries: list[Entry], codes: list[int]) -> tuple[list[Entry], list[str]]:
+    """Where every build this machine ran failed validation on some SKU (the graph's numerics, not one
+    backend), no SKU ships that graph unvalidated: a cross-compiled or on-device build is not chosen."""
+    broken = [e.sku for e, code in zip(entries, codes) if code == 3 and any(c.validation for c in e.candidates)]
+    if not broken:
+        return entries, []
+    out, errors = [], []
+    for e in entries:
+        chosen = next((c for c in e.candidates if c.backend == e.chosen_backend), None)
+        if chosen is None or (chosen.validation is not None and chosen.validation.status == "passed"):
+            out.append(e)
+            continue
+        why = (f"not chosen: every build of this graph that ran here ({', '.join(broken)}) failed validation, "
+               f"so its {e.chosen_backend} build for {e.sku} would ship unvalidated")
+        errors.append(f"{e.sku}: {why}")
+        out.append(e.model_copy(update={"chosen_backend": None, "chosen_by": why, "artifact": None, "precision": None,
+                                        "measurement": None, "cost": None}))
+    return out, errors
 
 
 def _log_host(skus: list[tuple[Any, str | None]], log: Log) -> None:

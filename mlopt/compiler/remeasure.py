@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlopt.compiler import validate as check
-from mlopt.compiler.builds import Target, choose, cost_of, measure_build, validate_build
+from mlopt.compiler.builds import Target, choose, cost_of, measure_build, sku_outcome, validate_build
 from mlopt.compiler.pipeline import reference_key, reference_of, stored_reference
 from mlopt.compiler.run import Reference, Run
 from mlopt.core.errors import (BackendUnavailable, BadInput, MloptError, StoreError, UnknownName, ValidationMismatch,
@@ -255,18 +255,22 @@ def _rechoose(entry: Entry, sku: SKU, candidates: list[Candidate]) -> Entry:
 def _merge(manifest: Manifest, entry: Entry, sku: SKU) -> Manifest:
     """The manifest with ``entry`` in its place; this SKU's errors replaced by what is wrong now."""
     entries = [entry if e.sku == sku.name and e.model == entry.model else e for e in manifest.entries]
-    others = [e for e in manifest.errors if not e.startswith((f"{sku.name}/", f"{sku.name}: "))]
-    errors = others + [f"{sku.name}/{c.backend}: {c.reason}" for c in entry.candidates if c.status == "failed"]
-    if entry.chosen_backend is None:
+    mine = (f"{sku.name}/", f"{sku.name}: ")
+    chosen = next((c for c in entry.candidates if c.backend == entry.chosen_backend), None)
+    errors, warnings, _ = sku_outcome(sku.name, entry.candidates, chosen)
+    if chosen is None:
         errors.append(f"{sku.name}: no backend produced a build that runs")
-    return manifest.model_copy(update={"entries": entries, "errors": errors,
+    errors = [e for e in manifest.errors if not e.startswith(mine)] + errors
+    warnings = [w for w in manifest.warnings if not w.startswith(mine)] + warnings
+    return manifest.model_copy(update={"entries": entries, "errors": errors, "warnings": warnings,
                                        "status": "failed" if errors else "ok"})
 
 
 def _result(manifest: Manifest, sku: str, path: Path, done: dict[str, Candidate]) -> MeasureResult:
-    """Exit 3 when a build failed validation here, 4 when none could be measured, else 0."""
+    """compile's rule (``sku_outcome``): 0 when a build was validated and measured here (the others'
+    failures are warnings); else 3 when a build failed validation, 4 when none could be measured."""
     measured = [b for b, c in done.items() if c.measurement is not None]
     unmeasured = {b: c.reason for b, c in done.items() if c.measurement is None}
     failed_validation = any(c.validation is not None and c.validation.status == "failed" for c in done.values())
-    code = 3 if failed_validation else (4 if not measured else 0)
+    code = 0 if measured else (3 if failed_validation else 4)
     return MeasureResult(manifest, sku, path, code, measured, unmeasured)
