@@ -271,23 +271,34 @@ class _Target:
 def get_target(name):
     return _Target(name)
 
+class shape:
+    class dynamic_dimension:
+        def __init__(self, min, max, optimals=()):
+            self.min, self.max, self.optimals = min, max, set(optimals)
+
 class program:
     def __init__(self, model, dims, fp16=False, target=None):
         self.model, self.dims, self.fp16, self.target = model, dims, fp16, target
     def compile(self, t, offload_copy=True):
         self.target = t.name
     def run(self, params):
-        for name, shape in self.dims.items():
-            assert list(np.array(params[name]).shape) == list(shape), (name, shape)
+        for name, dims in self.dims.items():
+            got = list(np.array(params[name]).shape)
+            if dims and isinstance(dims[0], list):  # dynamic: [min, max, optimals] per dimension
+                assert len(got) == len(dims) and all(lo <= g <= hi for g, (lo, hi, _) in zip(got, dims)), (name, dims)
+            else:
+                assert got == list(dims), (name, dims)
         sess = ort.InferenceSession(self.model, providers=["CPUExecutionProvider"])
         return [argument(o) for o in sess.run(None, {k: np.array(v) for k, v in params.items()})]
 
 def parse_onnx(filename, default_dim_value=1, map_input_dims=None, skip_unknown_operators=False,
-               print_program_on_error=False):
+               print_program_on_error=False, map_dyn_input_dims=None):
+    dims = dict(map_input_dims or {})
+    dims.update({n: [[d.min, d.max, sorted(d.optimals)] for d in ds] for n, ds in (map_dyn_input_dims or {}).items()})
     if os.environ.get("FAKE_MGX_LOG"):
         with open(os.environ["FAKE_MGX_LOG"], "a") as f:
-            f.write(json.dumps(map_input_dims) + "\\n")
-    return program(onnx.load(filename).SerializeToString(), dict(map_input_dims or {}))
+            f.write(json.dumps(dims) + "\\n")
+    return program(onnx.load(filename).SerializeToString(), dims)
 
 def quantize_fp16(prog, ins_names=("all",)):
     prog.fp16 = True
@@ -354,21 +365,38 @@ def kfd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return nodes
 
 
-def model_of(path: Path) -> Model:
-    spec = InputSpec(name="x", shape=["batch", 4], dtype="float32")
+def model_of(path: Path, shape: tuple = ("batch", 4)) -> Model:
+    spec = InputSpec(name="x", shape=list(shape), dtype="float32")
     return Model(name="tiny", onnx_path=path, inputs=(spec,), outputs=("y",), digest=file_digest(path))
 
 
-def request(model: Model, sku_name: str, tmp: Path, device_present: bool = False) -> BuildRequest:
+def request(model: Model, sku_name: str, tmp: Path, device_present: bool = False, dims: dict | None = None,
+            ranges: dict | None = None) -> BuildRequest:
     return BuildRequest(model=model, sku=load_catalog().get(sku_name), threads=1, tuning_trials=0,
-                        tuning_timeout_s=60, tuning_dir=tmp / "tuning", batch_axis="batch", dims={},
-                        batch_sizes=(1, 4), device_present=device_present)
+                        tuning_timeout_s=60, tuning_dir=tmp / "tuning", batch_axis="batch", dims=dims or {},
+                        batch_sizes=(1, 4), device_present=device_present, ranges=ranges or {})
 
 
-def build_artifact(tmp: Path, backend: str, sku: str, model: Path | None = None, **kw) -> tuple[Path, dict]:
+def seq_onnx(path: Path) -> Path:
+    """x[batch, seq] -> Relu -> y[batch, seq]: a model whose second axis real traffic varies."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "seq",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def build_artifact(tmp: Path, backend: str, sku: str, model: Path | None = None, shape: tuple = ("batch", 4),
+                   **kw) -> tuple[Path, dict]:
     out = tmp / f"artifact-{backend}-{sku}"
     out.mkdir()
-    meta = get_backend(backend).build(request(model_of(model or tiny_onnx(tmp / "tiny.onnx")), sku, tmp, **kw), out)
+    meta = get_backend(backend).build(request(model_of(model or tiny_onnx(tmp / "tiny.onnx"), shape), sku, tmp, **kw),
+                                      out)
     return out, meta
 
 
@@ -683,3 +711,41 @@ def test_real_tensorrt_engine_matches_onnxruntime(tmp_path: Path, monkeypatch: p
     got = backend.load(out, meta, threads=1)(feed)
     np.testing.assert_allclose(got["y"], reference(out / "model.onnx", feed)["y"], rtol=2e-2, atol=2e-2)
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_an_axis_range_becomes_the_tensorrt_profile_and_migraphx_dynamic_dimensions(
+        tmp_path: Path, fake_libs: Path, kfd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dims {seq: {min, opt, max}}: the engines accept every sequence length in the range, not only the
+    benchmark's (real traffic of another size was refused when every axis was pinned)."""
+    model = seq_onnx(tmp_path / "seq.onnx")
+    kw = {"dims": {"seq": 64}, "ranges": {"seq": (16, 64, 128)}, "shape": ("batch", "seq")}
+    out, _ = build_artifact(tmp_path, "tensorrt", "h100", model=model, **kw)
+    plan = json.loads((out / "engine_plan.json").read_text())
+    assert plan["ranges"] == {"seq": {"min": 16, "opt": 64, "max": 128}}
+    assert plan["profile"] == {"x": {"min": [1, 16], "opt": [4, 64], "max": [4, 128]}}
+    run = entry.open_runner(out, tmp_path / "cache")
+    for seq in (16, 100, 128):  # any length in the range, at any planned batch
+        feed = {"x": np.random.default_rng(seq).standard_normal((4, seq)).astype(np.float32)}
+        np.testing.assert_allclose(run(feed)["y"], np.maximum(feed["x"], 0), rtol=1e-6)
+    with pytest.raises(entry.EngineError, match="outside the engine's profile"):
+        run({"x": np.ones((4, 129), np.float32)})
+    out, _ = build_artifact(tmp_path, "migraphx", "mi300x", model=model, **kw)
+    log = tmp_path / "mgx.log"
+    monkeypatch.setenv("FAKE_MGX_LOG", str(log))
+    run = entry.open_runner(out, tmp_path / "cache-mgx")
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"x": [[1, 1, [1]], [16, 128, [64]]]}, {"x": [[4, 4, [4]], [16, 128, [64]]]}]
+    feed = {"x": np.random.default_rng(0).standard_normal((4, 100)).astype(np.float32)}
+    np.testing.assert_allclose(run(feed)["y"], np.maximum(feed["x"], 0), rtol=1e-6)
+
+
+def test_an_axis_range_in_a_recipe_is_checked_and_benchmarked_at_opt() -> None:
+    from mlopt.core.errors import RecipeError
+    from mlopt.recipes import recipe_from_dict
+
+    base = {"name": "r", "model": {"source": "m.onnx"}, "targets": ["host"]}
+    r = recipe_from_dict({**base, "benchmark": {"dims": {"seq": {"min": 16, "opt": 64, "max": 128}, "h": 8}}})
+    assert r.benchmark.sizes == {"seq": 64, "h": 8} and r.benchmark.ranges == {"seq": (16, 64, 128)}
+    assert r.benchmark.largest == {"seq": 128, "h": 8}
+    with pytest.raises(RecipeError, match="min <= opt <= max"):
+        recipe_from_dict({**base, "benchmark": {"dims": {"seq": {"min": 64, "opt": 16, "max": 128}}}})

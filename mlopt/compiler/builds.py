@@ -163,7 +163,8 @@ def _request(t: Target) -> BuildRequest:
     recipe = t.run.recipe
     return BuildRequest(model=t.model, sku=t.sku, threads=t.threads, tuning_trials=recipe.tuning.trials,
                         tuning_timeout_s=recipe.tuning.timeout_s, tuning_dir=t.run.store.root / "tuning",
-                        batch_axis=recipe.model.batch_axis, dims=recipe.benchmark.dims,
+                        batch_axis=recipe.model.batch_axis, dims=recipe.benchmark.sizes,
+                        ranges=recipe.benchmark.ranges,
                         batch_sizes=tuple(t.run.batch_sizes), device_present=t.avail.run)
 
 

@@ -196,7 +196,7 @@ def _check_batch_memory(recipe: Recipe, model: Model) -> None:
     """Refuse a benchmark batch whose inputs alone outgrow this machine's memory, before any work starts."""
     plan = recipe.benchmark
     batch = max(plan.batch_sizes)
-    one = {**plan.dims, recipe.model.batch_axis: 1}
+    one = {**plan.largest, recipe.model.batch_axis: 1}
     per_sample = sum(int(np.prod(i.concrete(one))) * np.dtype(i.dtype if i.dtype != "bfloat16" else "float32").itemsize
                      for i in model.inputs)
     memory = machine_memory()

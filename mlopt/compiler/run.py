@@ -82,7 +82,7 @@ class Run:
         where shapes allow, else seeded random."""
         name = self.recipe.model.batch_axis
         batch = fixed_batch(self.inputs, name) or batch
-        shapes = {i.name: i.concrete({**self.recipe.benchmark.dims, name: batch}) for i in self.inputs}
+        shapes = {i.name: i.concrete({**self.recipe.benchmark.sizes, name: batch}) for i in self.inputs}
         if self.evaluation is not None:
             tiled = _tiled(self.evaluation.feeds[0], shapes, row_axes(self.inputs, name), batch)
             if tiled is not None:

@@ -139,6 +139,21 @@ class Tuning(Strict):
     timeout_s: int = Field(180, gt=0, description="Per-candidate build timeout for tuning workers.")
 
 
+class AxisRange(Strict):
+    """A dynamic axis that real traffic varies: engines (TensorRT profiles, MIGraphX dynamic dimensions)
+    accept every size from ``min`` to ``max``; the benchmark measures at ``opt``."""
+
+    min: int = Field(gt=0)
+    opt: int = Field(gt=0)
+    max: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "AxisRange":
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"an axis range needs min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+        return self
+
+
 class Benchmark(Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="Batch sizes to measure.")
     warmup: int = Field(5, ge=0, description="Untimed runs before timing.")
@@ -147,7 +162,24 @@ class Benchmark(Strict):
         20.0, gt=0, description="Time budget per (build, batch size); fewer runs are recorded if it runs out."
     )
     threads: int = Field(2, gt=0, description="Intra-op threads every backend uses while measured.")
-    dims: dict[str, int] = Field(default_factory=dict, description="Values of dynamic axes other than the batch axis.")
+    dims: dict[str, Union[int, AxisRange]] = Field(
+        default_factory=dict, description="Values of dynamic axes other than the batch axis: a size, or "
+        "{min, opt, max} for an axis real traffic varies (engines accept the range; the benchmark uses opt).")
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Each dynamic axis's benchmark size (a range's ``opt``)."""
+        return {k: v if isinstance(v, int) else v.opt for k, v in self.dims.items()}
+
+    @property
+    def largest(self) -> dict[str, int]:
+        """Each dynamic axis at its largest (a range's ``max``): what memory bounds are checked at."""
+        return {k: v if isinstance(v, int) else v.max for k, v in self.dims.items()}
+
+    @property
+    def ranges(self) -> dict[str, tuple[int, int, int]]:
+        """The axes given as ranges: (min, opt, max)."""
+        return {k: (v.min, v.opt, v.max) for k, v in self.dims.items() if not isinstance(v, int)}
 
     @field_validator("batch_sizes")
     @classmethod

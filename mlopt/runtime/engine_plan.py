@@ -44,9 +44,11 @@ def import_library(module: str, needs: str) -> Any:
 
 
 
-def concrete_shapes(plan: dict[str, Any], batch: int) -> dict[str, list[int]]:
-    """Each input's shape with the batch axis bound to ``batch`` and other named axes from the plan."""
-    bound = {**plan["dims"], plan["batch_axis"]: batch}
+def concrete_shapes(plan: dict[str, Any], batch: int, at: str = "opt") -> dict[str, list[int]]:
+    """Each input's shape with the batch axis bound to ``batch`` and other named axes from the plan (a
+    ranged axis at its ``at`` end: min, opt or max)."""
+    ranged = {k: r[at] for k, r in plan.get("ranges", {}).items()}
+    bound = {**plan["dims"], **ranged, plan["batch_axis"]: batch}
     shapes = {}
     for spec in plan["inputs"]:
         missing = [d for d in spec["shape"] if isinstance(d, str) and d not in bound]
@@ -57,11 +59,19 @@ def concrete_shapes(plan: dict[str, Any], batch: int) -> dict[str, list[int]]:
 
 
 def shape_profile(plan: dict[str, Any]) -> dict[str, dict[str, list[int]]]:
-    """TensorRT optimization profile: the smallest batch, then the largest as both opt and max."""
+    """TensorRT optimization profile: the smallest batch with each ranged axis at its min; the largest
+    batch at the ranges' opt; the largest batch at their max (other axes fixed at their size)."""
     low, high = min(plan["batches"]), max(plan["batches"])
-    small, large = concrete_shapes(plan, low), concrete_shapes(plan, high)
+    small, opt, large = concrete_shapes(plan, low, "min"), concrete_shapes(plan, high), concrete_shapes(plan, high, "max")
     dynamic = [s["name"] for s in plan["inputs"] if any(isinstance(d, str) for d in s["shape"])]
-    return {n: {"min": small[n], "opt": large[n], "max": large[n]} for n in dynamic}
+    return {n: {"min": small[n], "opt": opt[n], "max": large[n]} for n in dynamic}
+
+
+def dynamic_dims(plan: dict[str, Any], batch: int) -> dict[str, list[tuple[int, int, int]]]:
+    """Each input's dimensions as (min, max, opt) for ``batch``: a ranged axis spans its range, every
+    other dimension is fixed (min = max)."""
+    lo, opt, hi = (concrete_shapes(plan, batch, at) for at in ("min", "opt", "max"))
+    return {n: list(zip(lo[n], hi[n], opt[n])) for n in opt}
 
 
 def batch_of(plan: dict[str, Any], feed: dict[str, np.ndarray]) -> int:

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from . import Runner
-from .engine_plan import EngineError, EngineUnreadable, batch_of, concrete_shapes, import_library, input_dtypes
+from .engine_plan import (EngineError, EngineUnreadable, batch_of, concrete_shapes, dynamic_dims, import_library,
+                          input_dtypes)
 from .gpus import Device, amd_device
 
 
@@ -33,7 +34,12 @@ class MIGraphXEngine:
         """Parse, quantize to fp16 where planned, compile for the GPU and save, per batch size."""
         mgx, names = self.mgx, []
         for batch in plan["batches"]:
-            prog = mgx.parse_onnx(str(model), map_input_dims=concrete_shapes(plan, batch))
+            if plan.get("ranges"):  # one program per batch that takes every size of the ranged axes
+                dims = {n: [mgx.shape.dynamic_dimension(lo, hi, {opt}) for lo, hi, opt in d]
+                        for n, d in dynamic_dims(plan, batch).items()}
+                prog = mgx.parse_onnx(str(model), map_dyn_input_dims=dims)
+            else:
+                prog = mgx.parse_onnx(str(model), map_input_dims=concrete_shapes(plan, batch))
             if plan["precision"]["fp16"]:
                 mgx.quantize_fp16(prog)
             # int8 needs no call: MIGraphX lowers the model's QuantizeLinear/DequantizeLinear itself

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import shutil
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -86,6 +86,7 @@ class BuildRequest:
     dims: dict[str, int]
     batch_sizes: tuple[int, ...] = (1,)  # the benchmark plan's; tuned builds specialise to these
     device_present: bool = False  # the SKU's device is on this machine (GPU tuning, engine builds)
+    ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # axes traffic varies: (min, opt, max)
 
 
 class Backend(ABC):

@@ -164,6 +164,10 @@ class EngineBackend(Backend):
             "inputs": [spec.model_dump() for spec in req.model.inputs], "outputs": list(req.model.outputs),
             "batch_axis": req.batch_axis, "batches": sorted(set(req.batch_sizes)),
             "dims": {k: v for k, v in sorted(req.dims.items()) if k in axes and k != req.batch_axis},
+            # axes real traffic varies: the engine accepts every size in the range (TensorRT's profile,
+            # MIGraphX's dynamic dimensions); the others are fixed at their benchmark size
+            "ranges": {k: {"min": lo, "opt": opt, "max": hi} for k, (lo, opt, hi) in sorted(req.ranges.items())
+                       if k in axes and k != req.batch_axis},
             # int8 follows the model: the engines read explicit QDQ, they do not calibrate
             "precision": {"fp16": "float16" in req.sku.dtypes, "int8": qdq},
             "library": dict(self.library),
