@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -396,7 +397,9 @@ def _harsh(tmp: Path, policy: str) -> Path:
 def test_gate_fails_a_pass_over_budget(tmp_path: Path) -> None:
     res = runner.invoke(app, ["compile", str(_harsh(tmp_path, "fail"))])
     assert res.exit_code == 3
-    assert "drops accuracy from 0.99" in res.output and "budget 0.01" in res.output
+    # the trained digits model scores 0.99 to 1.0 depending on the CPU that trained it
+    drop = re.search(r"drops accuracy from (\d\.\d+) to (\d\.\d+) \(drop [\d.]+ > budget 0\.01\)", res.output)
+    assert drop and float(drop.group(1)) >= 0.99 and float(drop.group(2)) < 0.5, res.output
     assert not any((tmp_path / "store" / "objects").iterdir())
 
 

@@ -5,6 +5,8 @@ the bounded queue, per-request timeouts and the SIGTERM drain."""
 
 from __future__ import annotations
 
+import os
+
 import http.client
 import json
 import signal
@@ -249,11 +251,14 @@ def test_the_image_layout_serves_with_only_its_shipped_runtime(ort: Deployable, 
     from mlopt.package.contents import artifact_files, serving_files
 
     root = tmp_path / "rootfs"
-    for f in artifact_files(ort) + serving_files(ort, ServingOptions()):
+    files = artifact_files(ort) + serving_files(ort, ServingOptions())
+    for f in sorted(files, key=lambda f: f.hardlink is not None):  # a hard link's target is written first
         dest = root / f.path.lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         if f.link is not None:
             dest.symlink_to(f.link)
+        elif f.hardlink is not None:  # as tar extracts it: the same file under a second name
+            os.link(root / f.hardlink.lstrip("/"), dest)
         else:
             dest.write_bytes(f.data if f.data is not None else Path(f.source).read_bytes())
     opt = root / "opt" / "mlopt"
