@@ -313,13 +313,15 @@ def overhead(port: int, raw: bytes, curve: Curve, delay_s: float, n: int) -> dic
     return {"server_p50_ms": 1e3 * float(np.median(lat)), "server_p99_ms": 1e3 * float(np.percentile(lat, 99)),
             "curve_p50_ms": 1e3 * curve_p50, "queue_delay_ms": 1e3 * delay_s,
             "server_compute_mean_ms": 1e-6 * compute[1] / compute[0] if compute[0] else float("nan"),
+            "http_ms": 1e3 * (float(np.median(lat)) - delay_s - compute[1] / compute[0] * 1e-9) if compute[0] else None,
             "overhead_ms": 1e3 * float(np.median(extra)), "overhead_p99_ms": 1e3 * float(np.percentile(extra, 99)),
             "samples_s": extra}
 
 
 def capacity(curve: Curve, max_batch: int, over_s: float) -> tuple[float, str]:
     """One replica's capacity (requests/s): the curve's best throughput at a batch the server runs,
-    or 1 / overhead where HTTP (one event loop, request by request) is slower than the model."""
+    or 1 / HTTP's part of the overhead (the server's latency at one client less its queue delay and
+    its own compute) where HTTP (one event loop, request by request) is slower than the model."""
     sizes = np.array([b for b in curve.sizes if b <= max(max_batch, 1)], dtype=float)
     model = float(np.max(sizes / curve.at(sizes)[0]))
     http = 1.0 / max(over_s, 1e-6)
@@ -394,7 +396,8 @@ def run_model(d: Deployable, options: ServingOptions, fractions: list[float], se
         closed_loop(port, raw, 20)  # warm-up
         if reference is None:
             over = overhead(port, raw, curve, planned["batching"]["queue_delay_us"] / 1e6, setting.overhead_requests)
-            cap, bound = capacity(curve, planned["batching"]["max_batch_size"], over["overhead_ms"] / 1e3)
+            cap, bound = capacity(curve, planned["batching"]["max_batch_size"],
+                                  (over["http_ms"] if over["http_ms"] is not None else over["overhead_ms"]) / 1e3)
         else:
             over = {**reference["overhead"], "samples_s": reference["overhead_samples_s"]}
             cap, bound = reference["capacity_per_s"], reference["capacity_bound"]
@@ -477,7 +480,7 @@ def main() -> None:
                   file=sys.stderr, flush=True)
             results.append(r)
     print(table(results))
-    out = {"cpu": cpu(), "setting": {**vars(setting), "fractions": args.fractions, "sla_factor": args.sla_factor,
+    out = {"cpu": cpu(), "loadavg_after": os.getloadavg(), "setting": {**vars(setting), "fractions": args.fractions, "sla_factor": args.sla_factor,
                                      "pool_connections": POOL, "long_run_arrivals": LONG_RUN},
            "results": [{k: v for k, v in r.items() if k != "overhead_samples_s"} for r in results]}
     args.out.write_text(json.dumps(out, indent=2) + "\n")
