@@ -56,8 +56,9 @@ def arrivals(t: ModelTraffic, rate: float, n: int, rng: np.random.Generator) -> 
 
 
 def replica_latencies(times: np.ndarray, batch: int, delay: float, curve: Curve,
-                      rng: np.random.Generator) -> np.ndarray:
-    """Latency (s) of each request of one replica, arriving at ``times`` (sorted)."""
+                      rng: np.random.Generator, sizes: list[int] | None = None) -> np.ndarray:
+    """Latency (s) of each request of one replica, arriving at ``times`` (sorted); the size of each
+    batch run is appended to ``sizes`` where one is given."""
     a, n = times.tolist(), times.size
     p50, p99 = curve.at(np.arange(1, batch + 1))
     med, sig = p50.tolist(), (np.log(np.maximum(p99 / p50, 1.0)) / Z99).tolist()
@@ -68,6 +69,8 @@ def replica_latencies(times: np.ndarray, batch: int, delay: float, curve: Curve,
         fire = max(free, min(full, a[i] + delay))
         j = min(bisect_right(a, fire, i), i + batch)
         size = j - i
+        if sizes is not None:
+            sizes.append(size)
         free = fire + med[size - 1] * math.exp(sig[size - 1] * z[k])
         lat[i:j] = free - times[i:j]
         i, k = j, k + 1
