@@ -88,3 +88,22 @@ def digits_build(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _no_user_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Tests never touch the user's ~/.cache store."""
     monkeypatch.setenv("MLOPT_STORE", str(tmp_path / "default-store"))
+
+
+def triton_python_model(model_py: Path, monkeypatch: pytest.MonkeyPatch, module_name: str = "triton_model"):
+    """The ``TritonPythonModel`` of a repository's ``model.py``, loaded with a minimal stand-in for the
+    ``triton_python_backend_utils`` module Triton injects (requests are dicts of arrays)."""
+    import importlib.util
+    import sys
+    import types
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.get_input_tensor_by_name = lambda req, name: types.SimpleNamespace(as_numpy=lambda: req[name])
+    pb.Tensor = lambda name, value: (name, value)
+    pb.InferenceResponse = lambda output_tensors: dict(output_tensors)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.syspath_prepend(str(model_py.parent))
+    spec = importlib.util.spec_from_file_location(module_name, model_py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TritonPythonModel()

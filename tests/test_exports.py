@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import HOST
+from conftest import HOST, triton_python_model
 from oci_helpers import make_base_layout, require_tools, umoci_unpack
 from typer.testing import CliRunner
 
@@ -315,21 +315,9 @@ def _run_copied(copy: Path, c: object, x: np.ndarray, monkeypatch: pytest.Monkey
 
         compiled = ov.Core().compile_model(str(copy / "1" / c.default_model_filename), "CPU")
         return np.asarray(compiled({"x": x})[compiled.output(0)])
-    import importlib.util
-    import types
-
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.get_input_tensor_by_name = lambda req, name: types.SimpleNamespace(as_numpy=lambda: req[name])
-    pb.Tensor = lambda name, value: (name, value)
-    pb.InferenceResponse = lambda output_tensors: dict(output_tensors)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    monkeypatch.syspath_prepend(str(copy / "1"))
     for name in [m for m in sys.modules if m == "mlopt_entry" or m.startswith("mlopt_runtime")]:
         monkeypatch.delitem(sys.modules, name)  # the copy's own entry point and loaders, not a cached one
-    spec = importlib.util.spec_from_file_location("copied_triton_model", copy / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
+    model = triton_python_model(copy / "1" / "model.py", monkeypatch, "copied_triton_model")
     model.initialize({"model_repository": str(copy), "model_version": "1"})
     [out] = model.execute([{"x": x}])
     return out[c.output[0].name]

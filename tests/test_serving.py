@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ARM, HOST
+from conftest import ARM, HOST, triton_python_model
 from mlopt.cli import app
 from mlopt.core.errors import BadInput
 from mlopt.manifest import BatchFigures, Measurement, read_manifest
@@ -164,22 +164,8 @@ def test_openvino_and_tvm_builds_map_to_their_triton_backends(cpu: Deployable, t
 def test_python_backend_model_runs_the_tvm_build(cpu: Deployable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """model.py written for Triton's Python backend, run with a minimal stand-in for Triton's
     ``triton_python_backend_utils`` (the module Triton injects)."""
-    import sys
-    import types
-
     folder = triton.write_repository(with_backend(cpu, "tvm"), tmp_path, ServingOptions())
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.get_input_tensor_by_name = lambda req, name: types.SimpleNamespace(as_numpy=lambda: req[name])
-    pb.Tensor = lambda name, value: (name, value)
-    pb.InferenceResponse = lambda output_tensors: dict(output_tensors)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    monkeypatch.syspath_prepend(str(folder / "1"))
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("triton_model", folder / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
+    model = triton_python_model(folder / "1" / "model.py", monkeypatch)
     model.initialize({"model_repository": str(folder), "model_version": "1"})
     x = _digits(4)
     [out] = model.execute([{"x": x}])
