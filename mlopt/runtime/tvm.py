@@ -108,9 +108,17 @@ def load(folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> R
             return value.numpy()
         return np.asarray(list(value) if hasattr(value, "__len__") else value, dtype=np.int64)
 
+    # each input's batch axis (None: it has none); builds before it was recorded batch every input on axis 0
+    axes = entry.get("batch_axes") or {n: 0 for n in names}
+
+    def batch_of(feed: dict[str, Any]) -> int | None:
+        for n in names:
+            if axes.get(n) is not None and np.ndim(feed[n]) > axes[n]:
+                return int(np.shape(feed[n])[axes[n]])
+        return None
+
     def run(feed: dict[str, Any]) -> dict[str, Any]:
-        first = feed[names[0]]
-        batch = len(first) if np.ndim(first) else None
+        batch = batch_of(feed)
         if batch in vms or len(vms) == 1 or batch is None:
             return once(vms.get(batch, vms[None]), feed)
         if not entry.get("static"):
@@ -118,12 +126,14 @@ def load(folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> R
         return chunked(batch, feed)
 
     def chunked(batch: int, feed: dict[str, Any]) -> dict[str, Any]:
-        """A batch no static library was built for: in slices of the largest built size that divides it."""
+        """A batch no static library was built for: in slices of the largest built size that divides it
+        (outputs are joined on axis 0, so only where every batched input has its batch on axis 0)."""
         step = max((b for b in vms if b is not None and batch % b == 0), default=None)
-        if step is None:
+        if step is None or any(a not in (None, 0) for a in axes.values()):
             raise ValueError(f"this build has static libraries for batch sizes {sorted(b for b in vms if b)}; "
-                             f"a batch of {batch} is none of them nor a multiple of one")
-        parts = [once(vms[step], {n: (v[k:k + step] if np.ndim(v) and len(v) == batch else v) for n, v in feed.items()})
+                             f"a batch of {batch} is none of them" + (" nor a multiple of one" if step is None else ""))
+        parts = [once(vms[step], {n: (v[k:k + step] if axes.get(n) == 0 and np.ndim(v) and len(v) == batch else v)
+                                  for n, v in feed.items()})
                  for k in range(0, batch, step)]
         return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
 

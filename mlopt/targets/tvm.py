@@ -36,6 +36,7 @@ from mlopt.targets.catalog import SKU
 from mlopt.targets.devcode import require_device_code
 from mlopt.targets.tvm_lower import GPU_KINDS, _cross_linker, compile_module
 from mlopt.targets.tvm_onnx import check_ops, static_onnx
+from mlopt.targets.tvm_rewrite import REWRITTEN_OPS, unroll_lstms
 
 # TVM sizes its thread pool once, from TVM_NUM_THREADS, when the runtime starts: without it, it uses
 # half the cores on x86 and config_threadpool can only lower that. Set it before tvm is imported.
@@ -77,7 +78,7 @@ class TVMBackend(Backend):
         import onnx
 
         proto = onnx.load(str(req.model.onnx_path))
-        check_ops(proto)
+        check_ops(proto, rewritable=REWRITTEN_OPS)
         target_dict = dict(req.sku.tvm_target or {})
         kind = target_dict.get("kind", "llvm")
         details: dict[str, Any] = {"target": target_dict, "tuning_trials": req.tuning_trials}
@@ -96,6 +97,8 @@ class TVMBackend(Backend):
         entry = {
             "library": library, "function": "main", "tuned": tuned, "static": static,
             "inputs": [i.name for i in req.model.inputs], "outputs": list(req.model.outputs),
+            "batch_axes": {i.name: (list(i.shape).index(req.batch_axis) if req.batch_axis in i.shape else None)
+                           for i in req.model.inputs},
             "target": target_dict, "machine": req.sku.machine, "device": GPU_KINDS.get(kind, "cpu"),
             "requires": self.requires(req.sku),
             "runtime": {"package": "apache-tvm", "version": package_version("apache-tvm"),
@@ -115,25 +118,28 @@ class TVMBackend(Backend):
         """The untuned library: one with the signature's shapes (every dynamic axis but the batch bound
         from ``benchmark.dims``, the batch symbolic); where TVM's frontend cannot import a symbolic batch,
         one static library per benchmark batch size. Returns (default library, {batch: library}, how)."""
+        rnn = sorted({n.op_type for n in proto.graph.node if n.op_type in REWRITTEN_OPS})
         try:
+            if rnn:  # unrolled over the sequence, which needs every shape fixed
+                raise UnsupportedOperator(f"{', '.join(rnn)} is rewritten only with static shapes")
             self._compile(proto, signature_shapes(req, None), target_dict, out / "model.so", req)
             return "model.so", {}, f"batch axis {req.batch_axis!r} symbolic, other axes from the signature"
         except Exception as e:  # the frontend's and the lowering's errors are many and untyped
             if (isinstance(e, MloptError) and not isinstance(e, UnsupportedOperator)) or \
-                    not any(req.batch_axis in i.shape for i in req.model.inputs):
+                    not any(req.batch_axis in i.shape for i in req.model.inputs) and not rnn:
                 raise
             symbolic_failure = f"{type(e).__name__}: {e}".splitlines()[0]
-        import onnx
-
         static = {}
         with tempfile.TemporaryDirectory(prefix="mlopt-tvm-static-") as tmp:
             for b in sorted(req.batch_sizes):
-                folded = static_onnx(req.model.onnx_path, signature_shapes(req, b), Path(tmp) / f"b{b}.onnx")
+                folded = _static_for_tvm(req, b, Path(tmp) / f"b{b}.onnx")
                 static[str(b)] = f"model-b{b}.so"
-                self._compile(onnx.load(str(folded)), None, target_dict, out / static[str(b)], req, source=folded)
+                self._compile(onnx_load(folded), None, target_dict, out / static[str(b)], req, source=folded)
+        how = "" if not rnn else (f"; {', '.join(rnn)} rewritten into standard operators (If inlined where the fixed "
+                                  "shapes decide its condition, LSTM unrolled over the fixed sequence length)")
         return (static[str(min(req.batch_sizes))], static,
                 f"static, one library per batch size {sorted(req.batch_sizes)}, shapes folded by ONNX Runtime's "
-                f"basic optimizations (a symbolic batch failed: {symbolic_failure[:200]})")
+                f"basic optimizations (a symbolic batch failed: {symbolic_failure[:200]}){how}")
 
     def _compile(self, proto: Any, shapes: dict[str, list[int | str]] | None, target_dict: dict[str, Any],
                  dest: Path, req: BuildRequest, database: Any = None, source: Path | None = None) -> None:
@@ -171,6 +177,35 @@ class TVMBackend(Backend):
             lld, bitcode = gpu_toolchain.find_lld(), gpu_toolchain.rocm_bitcode_dir()
             extra = {"ld.lld": str(lld[1]) if lld else "absent", "rocm-bitcode": str(bitcode or "absent")}
         return {**self.toolchain(), **extra}
+
+
+def onnx_load(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _static_for_tvm(req: BuildRequest, batch: int, dest: Path) -> Path:
+    """The model with every axis fixed for ``batch`` and its shape arithmetic folded (an ``If`` whose
+    condition is then constant is inlined by the folding), and each LSTM unrolled into standard operators
+    (TVM's frontend has neither); UnsupportedOperator naming what is left."""
+    import onnx
+
+    folded = static_onnx(req.model.onnx_path, signature_shapes(req, batch), dest)
+    proto = onnx.load(str(folded))
+    if not any(n.op_type in REWRITTEN_OPS for n in proto.graph.node):
+        return folded
+    proto, _ = unroll_lstms(proto)
+    left = sorted({f"{n.op_type} {n.name}".strip() for n in proto.graph.node if n.op_type in REWRITTEN_OPS})
+    if left:
+        raise UnsupportedOperator(
+            f"TVM has no {'/'.join(sorted({x.split()[0] for x in left}))} and mlopt could not rewrite "
+            f"{', '.join(left)[:200]} with the shapes fixed (an If whose condition depends on input values, not "
+            "shapes; an LSTM whose weights or sequence_lens are not constant, or with input_forget or other "
+            "activations)", hint="use the onnxruntime or openvino backend for this model")
+    check_ops(proto)
+    onnx.save(proto, str(folded))
+    return folded
 
 
 def signature_shapes(req: BuildRequest, batch: int | None) -> dict[str, list[int | str]]:

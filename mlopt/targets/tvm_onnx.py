@@ -10,11 +10,12 @@ from mlopt.core.errors import UnsupportedOperator
 from mlopt.core.util import package_version
 
 
-def check_ops(proto: Any) -> None:
-    """Refuse a model with operators the frontend cannot lower, naming them all (before any build)."""
+def check_ops(proto: Any, rewritable: frozenset[str] = frozenset()) -> None:
+    """Refuse a model with operators the frontend cannot lower and mlopt does not rewrite first
+    (``rewritable``), naming them all (before any build)."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    known = _get_convert_map()
+    known = set(_get_convert_map()) | set(rewritable)
     missing = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type not in known})
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if missing or foreign:
