@@ -125,17 +125,26 @@ def load(folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> R
             return once(vms[None], feed)
         return chunked(batch, feed)
 
+    out_axes = entry.get("output_batch_axes")  # each output's batch axis; older builds join on axis 0
+
     def chunked(batch: int, feed: dict[str, Any]) -> dict[str, Any]:
-        """A batch no static library was built for: in slices of the largest built size that divides it
-        (outputs are joined on axis 0, so only where every batched input has its batch on axis 0)."""
+        """A batch no static library was built for: in slices of the largest built size that divides it,
+        each input cut on its batch axis and each output joined on its own."""
         step = max((b for b in vms if b is not None and batch % b == 0), default=None)
-        if step is None or any(a not in (None, 0) for a in axes.values()):
+        joins = out_axes if out_axes is not None else (
+            {n: 0 for n in entry["outputs"]} if all(a in (None, 0) for a in axes.values()) else None)
+        if step is None or joins is None or any(n not in joins for n in entry["outputs"]):
             raise ValueError(f"this build has static libraries for batch sizes {sorted(b for b in vms if b)}; "
                              f"a batch of {batch} is none of them" + (" nor a multiple of one" if step is None else ""))
-        parts = [once(vms[step], {n: (v[k:k + step] if axes.get(n) == 0 and np.ndim(v) and len(v) == batch else v)
-                                  for n, v in feed.items()})
-                 for k in range(0, batch, step)]
-        return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+        def part(v: Any, axis: int | None, k: int) -> Any:
+            if axis is None or np.ndim(v) <= axis or np.shape(v)[axis] != batch:
+                return v
+            return np.take(v, range(k, k + step), axis=axis)
+
+        parts = [once(vms[step], {n: part(v, axes.get(n), k) for n, v in feed.items()}) for k in range(0, batch, step)]
+        return {n: (np.concatenate([p[n] for p in parts], axis=joins[n]) if joins[n] is not None else parts[0][n])
+                for n in parts[0]}
 
     return run
 

@@ -96,7 +96,7 @@ class OpenVINOBackend(Backend):
         device = ov_device(req.sku)
         if device is None:
             raise BackendUnavailable(f"{req.sku.name} has no OpenVINO device", hint="set openvino_device in the catalog")
-        model = _convert(req.model.onnx_path)
+        model, shaped = _convert_for(req)
         stable_names(model, req.model.onnx_path)
         _output_ports(model.outputs, list(req.model.outputs))  # OpenVINO keeps ONNX tensor names: check, fail early
         fp16 = device.split(".")[0] == "GPU" and "float16" in req.sku.dtypes
@@ -112,6 +112,8 @@ class OpenVINOBackend(Backend):
         ship_loader(out, "run_openvino.py")
         details = {"device": device, "compress_to_fp16": fp16, "qdq_nodes": _qdq_nodes(req.model.onnx_path),
                    "input_shapes": {p.get_any_name(): str(p.get_partial_shape()) for p in model.inputs}}
+        if shaped:
+            details["input_shapes_from_signature"] = shaped
         # OpenVINO's low-precision transformations run QDQ graphs with int8 kernels
         shown = f"int8+{precision}" if details["qdq_nodes"] else precision
         return {"precision": shown, "entry": MODEL_FILE, "config": CONFIG_FILE, "format": "openvino-ir",
@@ -127,12 +129,49 @@ def _cpu_cross_reason(sku: SKU) -> str:
     return f"this CPU cannot run {sku.arch} code; the IR is built here, not measured"
 
 
-def _convert(onnx_path: Path) -> Any:
+def _convert_for(req: BuildRequest) -> tuple[Any, str | None]:
+    """The converted model, its inputs as dynamic as the ONNX file has them; where OpenVINO cannot convert
+    that (an operator that needs a known rank behind an ``If``), again with the signature's shapes: the
+    batch axis dynamic, an axis with a ``benchmark.dims`` range bounded to it, other named axes fixed to
+    their ``benchmark.dims`` value. Returns (model, why the shapes were given, or None)."""
+    try:
+        return _convert(req.model.onnx_path), None
+    except UnsupportedOperator as first:
+        shapes = _signature_shapes(req)
+        if shapes is None:
+            raise
+        try:
+            model = _convert(req.model.onnx_path, shapes)
+        except UnsupportedOperator:
+            raise first from None
+        return model, (f"converted with the signature's shapes ({first.message[:160]} with the file's own); "
+                       "traffic must fit them")
+
+
+def _signature_shapes(req: BuildRequest) -> list[tuple[str, Any]] | None:
+    """OpenVINO input shapes from the signature (None when it names no axis the recipe binds)."""
+    import openvino as ov
+
+    def dim(d: int | str) -> Any:
+        if isinstance(d, int):
+            return ov.Dimension(d)
+        if d in req.ranges:
+            lo, _, hi = req.ranges[d]
+            return ov.Dimension(lo, hi)
+        return ov.Dimension(req.dims[d]) if d in req.dims and d != req.batch_axis else ov.Dimension(-1)
+
+    if not any(isinstance(d, str) and (d in req.dims or d in req.ranges) for i in req.model.inputs for d in i.shape) \
+            and not any(len(i.shape) == 0 for i in req.model.inputs):
+        return None
+    return [(i.name, ov.PartialShape([dim(d) for d in i.shape])) for i in req.model.inputs]
+
+
+def _convert(onnx_path: Path, shapes: list[tuple[str, Any]] | None = None) -> Any:
     """convert_model from the ONNX path (it reads external-data files beside the model itself)."""
     import openvino as ov
 
     try:
-        return ov.convert_model(str(onnx_path))
+        return ov.convert_model(str(onnx_path), **({"input": shapes} if shapes else {}))
     except Exception as e:  # the frontend raises OpConversionFailure, GeneralFailure ...; keep the message
         raise UnsupportedOperator(f"OpenVINO cannot convert the model: {conversion_cause(e)}",
                                   hint="use the onnxruntime backend for this model") from None

@@ -85,6 +85,7 @@ class TVMBackend(Backend):
         if kind in GPU_KINDS:
             details["toolchain"] = gpu_toolchain.prepare_cuda() if kind == "cuda" else gpu_toolchain.prepare_rocm()
         library, static, details["shapes"] = self._compile_shaped(proto, target_dict, out, req)
+        out_axes = output_batch_axes(req) if static else None
         if kind in GPU_KINDS:
             details["device_code"] = _device_code(out / library, req.sku.arch)
         tuned: dict[str, str] = {}
@@ -99,6 +100,7 @@ class TVMBackend(Backend):
             "inputs": [i.name for i in req.model.inputs], "outputs": list(req.model.outputs),
             "batch_axes": {i.name: (list(i.shape).index(req.batch_axis) if req.batch_axis in i.shape else None)
                            for i in req.model.inputs},
+            **({"output_batch_axes": out_axes} if out_axes is not None else {}),
             "target": target_dict, "machine": req.sku.machine, "device": GPU_KINDS.get(kind, "cpu"),
             "requires": self.requires(req.sku),
             "runtime": {"package": "apache-tvm", "version": package_version("apache-tvm"),
@@ -129,14 +131,14 @@ class TVMBackend(Backend):
                     not any(req.batch_axis in i.shape for i in req.model.inputs) and not rnn:
                 raise
             symbolic_failure = f"{type(e).__name__}: {e}".splitlines()[0]
-        static = {}
+        static, rewrites = {}, set()
         with tempfile.TemporaryDirectory(prefix="mlopt-tvm-static-") as tmp:
             for b in sorted(req.batch_sizes):
-                folded = _static_for_tvm(req, b, Path(tmp) / f"b{b}.onnx")
+                folded, done = _static_for_tvm(req, b, Path(tmp) / f"b{b}.onnx")
+                rewrites |= done
                 static[str(b)] = f"model-b{b}.so"
                 self._compile(onnx_load(folded), None, target_dict, out / static[str(b)], req, source=folded)
-        how = "" if not rnn else (f"; {', '.join(rnn)} rewritten into standard operators (If inlined where the fixed "
-                                  "shapes decide its condition, LSTM unrolled over the fixed sequence length)")
+        how = "".join(f"; {r}" for r in sorted(rewrites))
         return (static[str(min(req.batch_sizes))], static,
                 f"static, one library per batch size {sorted(req.batch_sizes)}, shapes folded by ONNX Runtime's "
                 f"basic optimizations (a symbolic batch failed: {symbolic_failure[:200]}){how}")
@@ -185,17 +187,21 @@ def onnx_load(path: Path) -> Any:
     return onnx.load(str(path))
 
 
-def _static_for_tvm(req: BuildRequest, batch: int, dest: Path) -> Path:
+def _static_for_tvm(req: BuildRequest, batch: int, dest: Path) -> tuple[Path, set[str]]:
     """The model with every axis fixed for ``batch`` and its shape arithmetic folded (an ``If`` whose
     condition is then constant is inlined by the folding), and each LSTM unrolled into standard operators
-    (TVM's frontend has neither); UnsupportedOperator naming what is left."""
+    (TVM's frontend has neither); UnsupportedOperator naming what is left. Returns (file, what was rewritten)."""
     import onnx
 
+    before = {n.op_type for n in onnx_load(req.model.onnx_path).graph.node}
     folded = static_onnx(req.model.onnx_path, signature_shapes(req, batch), dest)
     proto = onnx.load(str(folded))
+    done = {"If inlined (the fixed shapes decide its condition)"} if "If" in before else set()
     if not any(n.op_type in REWRITTEN_OPS for n in proto.graph.node):
-        return folded
-    proto, _ = unroll_lstms(proto)
+        return folded, done
+    proto, lstms = unroll_lstms(proto)
+    if lstms:
+        done.add(f"{lstms} LSTM unrolled over the fixed sequence length into standard operators")
     left = sorted({f"{n.op_type} {n.name}".strip() for n in proto.graph.node if n.op_type in REWRITTEN_OPS})
     if left:
         raise UnsupportedOperator(
@@ -205,7 +211,38 @@ def _static_for_tvm(req: BuildRequest, batch: int, dest: Path) -> Path:
             "activations)", hint="use the onnxruntime or openvino backend for this model")
     check_ops(proto)
     onnx.save(proto, str(folded))
-    return folded
+    return folded, done
+
+
+def output_batch_axes(req: BuildRequest) -> dict[str, int | None] | None:
+    """Each output's batch axis, for static builds that run other batch sizes in slices: the axis whose
+    size follows the batch when the model's shapes are fixed at batch 1 and 2 (None: no axis follows it);
+    None when shape inference cannot tell for every output."""
+    import onnx
+
+    dims = []
+    with tempfile.TemporaryDirectory(prefix="mlopt-tvm-axes-") as tmp:
+        for b in (1, 2):
+            try:
+                folded = static_onnx(req.model.onnx_path, signature_shapes(req, b), Path(tmp) / f"b{b}.onnx")
+                proto = onnx.load(str(folded))
+                for o in proto.graph.output:  # what the file declares may be stale: infer every output
+                    o.type.tensor_type.ClearField("shape")
+                graph = onnx.shape_inference.infer_shapes(proto).graph
+            except Exception:  # ONNX Runtime or shape inference cannot fix this model's shapes: no slicing
+                return None
+            dims.append({o.name: [d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim]
+                         for o in graph.output})
+    axes: dict[str, int | None] = {}
+    for name in req.model.outputs:
+        one, two = dims[0].get(name), dims[1].get(name)
+        if one is None or two is None or len(one) != len(two) or None in one or None in two:
+            return None
+        moved = [k for k, (x, y) in enumerate(zip(one, two)) if x != y]
+        if len(moved) > 1:
+            return None
+        axes[name] = moved[0] if moved else None
+    return axes
 
 
 def signature_shapes(req: BuildRequest, batch: int | None) -> dict[str, list[int | str]]:
