@@ -17,7 +17,7 @@ import numpy as np
 from mlopt import __version__, gates
 from mlopt.compiler import ingest, judges
 from mlopt.compiler import validate as check
-from mlopt.compiler.builds import build_sku
+from mlopt.compiler.builds import ImportFailures, build_sku
 from mlopt.compiler.data import concat_outputs, score
 from mlopt.compiler.feeds import onnx_runner, ort_not_implemented
 from mlopt.core.model import Model
@@ -120,11 +120,14 @@ def _conclude(recipe: Recipe, store: Store, manifest: Manifest, path: Path, code
 
 def _build_skus(run: Run, final: Model, skus: list[tuple[Any, str | None]], version: int, version_key: str,
                 reference: Reference) -> tuple[list[Entry], list[str], list[str], list[int]]:
-    """Every SKU's entry (its candidates built, validated and measured), the errors, warnings and exit codes."""
+    """Every SKU's entry (its candidates built, validated and measured), the errors, warnings and exit codes;
+    a model a backend cannot import is one warning naming the SKUs it skipped."""
     entries, errors, warnings, codes = [], [], [], []
+    imports = ImportFailures()
     for sku, requested_as in skus:
         with run.stage(f"build {sku.name}"):
-            entry, sku_errors, sku_warnings, code = build_sku(run, final, sku, version, version_key, reference)
+            entry, sku_errors, sku_warnings, code = build_sku(run, final, sku, version, version_key, reference,
+                                                              imports)
         if requested_as:
             entry = entry.model_copy(update={"requested_as": requested_as})
         entries.append(entry)
@@ -132,7 +135,7 @@ def _build_skus(run: Run, final: Model, skus: list[tuple[Any, str | None]], vers
         warnings += sku_warnings
         codes.append(code)
     entries, unvalidated = _withhold_unvalidated(entries, codes)
-    return entries, errors + unvalidated, warnings, codes + [3] * bool(unvalidated)
+    return entries, errors + unvalidated, imports.warnings() + warnings, codes + [3] * bool(unvalidated)
 
 
 def _withhold_unvalidated(entries: list[Entry], codes: list[int]) -> tuple[list[Entry], list[str]]:
