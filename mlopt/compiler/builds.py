@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import errno
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Collection, Literal
 
 from mlopt.compiler import validate as check
 from mlopt.compiler.measure import MEMORY_METHOD, measure, peak_memory
 from mlopt.compiler.run import Reference, Run, evaluate_outputs, geomean
 from mlopt.core.artifact import BuildInfo, BuildOutput, Validation
-from mlopt.core.errors import MloptError, ValidationMismatch, disk_full
+from mlopt.core.errors import MloptError, ModelImportFailed, ValidationMismatch, disk_full
 from mlopt.core.files import key_of
 from mlopt.core.model import Model
 from mlopt.core.util import scratch_cwd
@@ -39,12 +39,53 @@ class Target:
     avail: Availability
     why_not: str  # why this machine cannot run the SKU's code ("" when it can)
     threads: int
+    imports: ImportFailures | None = None  # the run's memo of model imports that failed (once per model)
 
 
-def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
-              reference: Reference) -> tuple[Entry, list[str], list[str], int]:
+@dataclass(frozen=True)
+class ImportFailure:
+    """A backend's frontend could not import the model: the error, and the SKUs it skipped."""
+
+    backend: str
+    error: ModelImportFailed
+    skus: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImportFailures:
+    """Model imports that failed in one build, by (backend, model, shapes): an import does not depend on
+    the SKU, so it is tried once and every later SKU of that backend is skipped with a pointer to it;
+    the failure is one warning for the model (``warnings``), not one per SKU."""
+
+    found: dict[str, ImportFailure] = field(default_factory=dict)
+
+    @staticmethod
+    def key(t: Target) -> str:
+        recipe = t.run.recipe
+        return key_of({"backend": t.backend.name, "model": t.model.digest, "toolchain": t.backend.toolchain(),
+                       "dims": recipe.benchmark.sizes, "batch_axis": recipe.model.batch_axis,
+                       "batch_sizes": t.run.batch_sizes})
+
+    def warnings(self) -> list[str]:
+        """One line per failed import: what failed, the SKUs it skipped, and what to do."""
+        return [f"{f.error.message}; skipped on SKUs {', '.join(f.skus)}" + (f" ({f.error.hint})" if f.error.hint else "")
+                for f in self.found.values()]
+
+    def skipped(self, sku_name: str) -> set[str]:
+        """The backends whose failed import skipped ``sku_name``."""
+        return {f.backend for f in self.found.values() if sku_name in f.skus}
+
+
+def import_pointer(backend: str) -> str:
+    """A candidate's reason when the model import failed: the failure itself is in the manifest's warnings."""
+    return f"{backend} cannot import this model (reported once for every SKU in the manifest's warnings)"
+
+
+def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str, reference: Reference,
+              imports: ImportFailures | None = None) -> tuple[Entry, list[str], list[str], int]:
     """The SKU's entry (each allowed backend's candidate built, validated, measured; one chosen), its
-    errors, its warnings and its exit code (``sku_outcome``)."""
+    errors, its warnings and its exit code (``sku_outcome``). A model import that failed (``imports``,
+    shared by the run's SKUs) is not tried again, and is the run's warning, not this SKU's."""
     allowed = run.recipe.backends_for(sku.name, sku.kind)
     names = [b for b in sku.backends if allowed is None or b in allowed]
     runs_here, why_not = detect.host_runs(sku)
@@ -52,11 +93,12 @@ def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
     for name in names:
         backend = get_backend(name)
         t = Target(run, model, sku, backend, version, backend.availability(sku, runs_here), why_not,
-                   sku.threads or run.recipe.benchmark.threads)
+                   sku.threads or run.recipe.benchmark.threads, imports)
         candidates.append(_candidate(t, version_key, reference))
     chosen, chosen_by = choose(candidates)
     entry = _entry(run, sku, version, chosen, chosen_by, candidates)
-    errors, warnings, code = sku_outcome(sku.name, candidates, chosen)
+    reported = imports.skipped(sku.name) if imports is not None else set()
+    errors, warnings, code = sku_outcome(sku.name, candidates, chosen, reported)
     if chosen is None and not names:
         errors.append(f"{sku.name}: none of the recipe's backends {allowed} serve this SKU "
                       f"(it supports {sku.backends})")
@@ -66,13 +108,16 @@ def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str,
     return entry, errors, warnings, code
 
 
-def sku_outcome(sku_name: str, candidates: list[Candidate], chosen: Candidate | None) -> tuple[list[str], list[str], int]:
+def sku_outcome(sku_name: str, candidates: list[Candidate], chosen: Candidate | None,
+                reported: Collection[str] = ()) -> tuple[list[str], list[str], int]:
     """One rule for every SKU: with a chosen build (validated here, or built for a SKU this machine cannot
-    run) the SKU is fine and its failed candidates are warnings, with their full reasons; without one they
+    run) the SKU is fine and its failed candidates are warnings, with their full reasons (except the
+    ``reported`` backends', whose failed model import is one warning for the whole run); without one they
     are errors, and the exit code is 3 where a build failed validation (numerics), else 4 (toolchain)."""
     failed = [f"{sku_name}/{c.backend}: {c.reason}" for c in candidates if c.status == "failed"]
     if chosen is not None:
-        return [], failed, 0
+        return [], [f"{sku_name}/{c.backend}: {c.reason}" for c in candidates
+                    if c.status == "failed" and c.backend not in reported], 0
     numerics = any(c.validation is not None and c.validation.status == "failed" for c in candidates)
     return failed, [], 3 if numerics else 4
 
@@ -97,8 +142,15 @@ def _candidate(t: Target, version_key: str, reference: Reference) -> Candidate:
                   # what the code is built for, not the SKU's name: SKUs of one architecture share builds
                   "sku": sku.model_dump(include={"kind", "vendor", "arch", "machine", "tvm_target", "dtypes",
                                                  "onnxruntime_providers", "openvino_device"})})
+    known = t.imports.found.get(ImportFailures.key(t)) if t.imports is not None else None
+    if known is not None:  # the same graph and shapes failed to import for an earlier SKU
+        known.skus.append(sku.name)
+        t.run.log(f"[{sku.name}] {name}: skipped, {import_pointer(name)}")
+        return Candidate(backend=name, status="failed", compiled=t.avail.build, reason=import_pointer(name))
     try:
         art, cached, validation, seconds = _artifact(t, key)
+    except ModelImportFailed as e:
+        return _import_failed(t, e)
     except Exception as e:
         return _failed(t, e)
     t.run.store.link(t.run.recipe.model_name, t.version, art.key)
@@ -111,6 +163,16 @@ def _candidate(t: Target, version_key: str, reference: Reference) -> Candidate:
                      reason="" if t.avail.run else _not_run(t.avail.reason, t.why_not),
                      precision=art.build.precision, artifact=_artifact_ref(art), validation=validation,
                      build_seconds=seconds, cached=cached, details=art.build.details, measurement=measurement)
+
+
+def _import_failed(t: Target, e: ModelImportFailed) -> Candidate:
+    """The model's import failed: logged in full once, remembered for the other SKUs (``ImportFailures``)."""
+    name = t.backend.name
+    if t.imports is None:
+        return _failed(t, e)
+    t.imports.found[ImportFailures.key(t)] = ImportFailure(name, e, [t.sku.name])
+    t.run.log(f"[{t.sku.name}] {name}: failed: {e}; the other {name} SKUs skip it")
+    return Candidate(backend=name, status="failed", compiled=t.avail.build, reason=import_pointer(name))
 
 
 def _failed(t: Target, e: Exception) -> Candidate:

@@ -7,7 +7,6 @@ so a second run of an unchanged recipe replays from the store in about a second.
 from __future__ import annotations
 
 import hashlib
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +15,17 @@ from typing import Any, Callable
 import numpy as np
 
 from mlopt import __version__, gates
-from mlopt.compiler import ingest
+from mlopt.compiler import ingest, judges
 from mlopt.compiler import validate as check
-from mlopt.compiler.builds import build_sku
+from mlopt.compiler.builds import ImportFailures, build_sku
 from mlopt.compiler.data import concat_outputs, score
 from mlopt.compiler.feeds import onnx_runner, ort_not_implemented
-from mlopt.compiler.measure import time_runner
 from mlopt.core.model import Model
 from mlopt.passes import PassContext, get_pass
+from mlopt.passes.quantize import JUDGED_ON
 from mlopt.compiler.publish import publish
 from mlopt.core.util import Log
-from mlopt.compiler.run import Reference, Run, evaluate, geomean, toolchain
+from mlopt.compiler.run import Reference, Run, evaluate, toolchain
 from mlopt.core.errors import BackendUnavailable, BadInput, BudgetExceeded, GateFailed, MloptError, severest
 from mlopt.manifest import Entry, Manifest, ModelInfo, PassReport, RecipeRef, ReferenceAccuracy, write_manifest
 from mlopt.recipes.load import dump_recipe
@@ -121,11 +120,14 @@ def _conclude(recipe: Recipe, store: Store, manifest: Manifest, path: Path, code
 
 def _build_skus(run: Run, final: Model, skus: list[tuple[Any, str | None]], version: int, version_key: str,
                 reference: Reference) -> tuple[list[Entry], list[str], list[str], list[int]]:
-    """Every SKU's entry (its candidates built, validated and measured), the errors, warnings and exit codes."""
+    """Every SKU's entry (its candidates built, validated and measured), the errors, warnings and exit codes;
+    a model a backend cannot import is one warning naming the SKUs it skipped."""
     entries, errors, warnings, codes = [], [], [], []
+    imports = ImportFailures()
     for sku, requested_as in skus:
         with run.stage(f"build {sku.name}"):
-            entry, sku_errors, sku_warnings, code = build_sku(run, final, sku, version, version_key, reference)
+            entry, sku_errors, sku_warnings, code = build_sku(run, final, sku, version, version_key, reference,
+                                                              imports)
         if requested_as:
             entry = entry.model_copy(update={"requested_as": requested_as})
         entries.append(entry)
@@ -133,7 +135,7 @@ def _build_skus(run: Run, final: Model, skus: list[tuple[Any, str | None]], vers
         warnings += sku_warnings
         codes.append(code)
     entries, unvalidated = _withhold_unvalidated(entries, codes)
-    return entries, errors + unvalidated, warnings, codes + [3] * bool(unvalidated)
+    return entries, errors + unvalidated, imports.warnings() + warnings, codes + [3] * bool(unvalidated)
 
 
 def _withhold_unvalidated(entries: list[Entry], codes: list[int]) -> tuple[list[Entry], list[str]]:
@@ -279,16 +281,8 @@ def reference_of(run: Run, model: Model) -> Reference:
     return stored_reference(folder, meta)
 
 
-def _onnx_latency(run: Run, path: Path) -> float:
-    """ms: geometric mean over the plan's batch sizes of the median of a few ONNX Runtime runs."""
-    plan = run.recipe.benchmark
-    quick = plan.model_copy(update={"warmup": 2, "runs": 7})
-    runner = onnx_runner(path, plan.threads, optimize=True)
-    return geomean([statistics.median(time_runner(runner, run.sample_feed(b), quick)) for b in run.batch_sizes])
-
-
 def _pass_context(run: Run, work: Path, reference: Reference) -> PassContext:
-    """What passes may use: data, an evaluator and a timer for candidates, an exporter for modules."""
+    """What passes may use: data, a judge per CPU backend for candidates, an exporter for modules."""
     src = run.recipe.model
     has_eval = reference.accuracy is not None
 
@@ -298,11 +292,9 @@ def _pass_context(run: Run, work: Path, reference: Reference) -> PassContext:
     return PassContext(
         workdir=work,
         calibration=run.calibration if run.recipe.data.calibration else None,
-        evaluate=(lambda p: evaluate(run, onnx_runner(p, run.recipe.benchmark.threads, optimize=True), reference))
-        if has_eval else None,
+        judges=judges.judges(run, reference, judges.judge_backends(run)) if has_eval else {},
         reference=reference.accuracy.value if reference.accuracy is not None else None,
         max_drop=run.recipe.accuracy.max_drop,
-        latency=lambda p: _onnx_latency(run, p),
         log=run.log,
         export=export if src.kind != "onnx" else None,
     )
@@ -326,7 +318,7 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference
     budget = run.recipe.accuracy
     key = key_of({"model": model.digest, "step": step.model_dump(mode="json"), "budget": budget.model_dump(),
                   "calibration": run.data_key("calibration"), "evaluation": run.data_key("evaluation"),
-                  "versions": toolchain()})
+                  "versions": toolchain(), "judges": judges.judge_versions(judges.judge_backends(run))})
     produced: dict[str, Any] = {}
 
     def produce(work: Path) -> dict[str, Any]:
@@ -335,7 +327,7 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference
         produced["module_fn"] = new.module_fn
         report = {"name": name, "kind": step.kind, "status": "applied", "size_before": model.size_bytes,
                   "size_after": new.size_bytes, "details": details}
-        verdict = _gate(run, model, new, step, reference)
+        verdict = _gate(run, model, new, step, reference, details.get(JUDGED_ON, judges.REFERENCE_JUDGE))
         reason = verdict.pop("skip_reason", None)
         report.update(verdict)
         if reason:  # keep what the pass found (a search's candidates) beside why it was skipped
@@ -367,15 +359,16 @@ def _recompute(run: Run, model: Model, step: Any, reference: Reference) -> Calla
     return rebuild
 
 
-def _gate(run: Run, old: Model, new: Model, step: Any, reference: Reference) -> dict[str, Any]:
-    """Judge a pass: the accuracy budget for passes that change outputs, numerics for the others."""
+def _gate(run: Run, old: Model, new: Model, step: Any, reference: Reference, backend: str) -> dict[str, Any]:
+    """Judge a pass: the accuracy budget for passes that change outputs (on ``backend``, the one a search
+    chose the output on), numerics for the others."""
     if not get_pass(step.kind).changes_outputs:
         check.check_pass(step.kind, old.onnx_path, new.onnx_path, run.sample_feed(2))
         return {}
     if reference.accuracy is None:
         raise BadInput(f"pass {step.kind} changes outputs, so the recipe needs data.evaluation to judge it")
     ref = reference.accuracy.value
-    after = _judged_accuracy(run, new, step, reference)
+    after = _judged_accuracy(run, new, step, reference, backend)
     drop = ref - after
     out = {"accuracy_before": ref, "accuracy_after": after}
     if drop <= run.recipe.accuracy.max_drop:
@@ -389,11 +382,12 @@ def _gate(run: Run, old: Model, new: Model, step: Any, reference: Reference) -> 
     return {**out, "status": "skipped", "skip_reason": msg}
 
 
-def _judged_accuracy(run: Run, new: Model, step: Any, reference: Reference) -> float:
-    """The pass's model judged as deployed: ONNX Runtime with all its optimizations (int8 fusions change
-    numerics a little); a model it has no kernels for (a bf16 Gemm on the CPU provider) cannot be judged here."""
+def _judged_accuracy(run: Run, new: Model, step: Any, reference: Reference, backend: str) -> float:
+    """The pass's model judged as deployed: on ``backend`` (ONNX Runtime unless a search chose another) with
+    all its optimizations (int8 fusions change numerics a little); a model ONNX Runtime has no kernels for
+    (a bf16 Gemm on the CPU provider) cannot be judged here."""
     try:
-        return evaluate(run, onnx_runner(new.onnx_path, run.recipe.benchmark.threads, optimize=True), reference)
+        return evaluate(run, judges.judged_runner(backend, new.onnx_path, run.recipe.benchmark.threads), reference)
     except ort_not_implemented() as e:
         raise BackendUnavailable(
             f"pass {step.kind} made a model ONNX Runtime's CPU provider cannot run here "

@@ -91,6 +91,11 @@ class UnsupportedOperator(BackendUnavailable):
     """A backend cannot lower an operator of the model."""
 
 
+class ModelImportFailed(UnsupportedOperator):
+    """A backend's frontend cannot import the model (its graph with the recipe's shapes): the same failure
+    on every SKU of that backend, so a build reports it once for the model, not once per SKU."""
+
+
 class RegistryError(MloptError):
     """A container registry cannot be used: unreachable, credentials refused, an image (a base
     image, say) that does not exist there, or an upload it rejected."""

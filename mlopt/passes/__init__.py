@@ -20,15 +20,27 @@ from mlopt.core.model import Model
 
 
 @dataclass(frozen=True)
+class Figures:
+    """One backend's figures for a candidate ONNX file."""
+
+    accuracy: float  # the recipe's metric on the evaluation data
+    latency_ms: float  # geometric mean of p50 over the plan's batch sizes
+
+
+Judge = Callable[[Path], Figures]  # runs an ONNX file on one backend; raises when that backend cannot
+
+
+@dataclass(frozen=True)
 class PassContext:
     """What a pass may use besides the model: a work folder, the recipe's data, and judges."""
 
     workdir: Path
     calibration: Any = None  # mlopt.compiler.data.Batches, or None when the recipe has no calibration data
-    evaluate: Callable[[Path], float] | None = None  # metric of an ONNX file on the evaluation data
+    # backend name -> its judge, for each CPU backend of the recipe's targets that runs here (ONNX Runtime
+    # first); empty when the recipe has no evaluation data
+    judges: dict[str, Judge] = field(default_factory=dict)
     reference: float | None = None  # the original model's metric
     max_drop: float = 0.0
-    latency: Callable[[Path], float] | None = None  # ms: geometric mean of p50 over the plan's batch sizes
     log: Callable[[str], None] = field(default=lambda _: None)
     export: Callable[[Any, Path], Model] | None = None  # nn.Module -> ONNX Model, checked like ingest
 

@@ -1,8 +1,10 @@
 """quantize: int8 static (QDQ) and dynamic, weight-only int4/int8, fp16, and an accuracy-aware search.
 
-QDQ is the int8 form both ONNX Runtime and TVM read. The search tries a space of configurations
+QDQ is the int8 form ONNX Runtime, OpenVINO and TVM read. The search tries a space of configurations
 (precision, per-channel or per-tensor, calibration method, the most sensitive nodes left in float),
-measures each candidate's accuracy and latency, and keeps the fastest inside the budget.
+measures each candidate's accuracy and latency on every judging backend (``PassContext.judges``), and
+keeps the fastest (candidate, backend) inside the budget, the fp32 model included: fp32 on OpenVINO can
+beat int8 on ONNX Runtime. The winning backend is named in the details' ``judged_on``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from mlopt.core.errors import BadInput
 from mlopt.core.model import Model
 from mlopt.core.spec import Strict
 from mlopt.core.util import scratch_cwd
-from mlopt.passes import PassContext, register
+from mlopt.passes import Judge, PassContext, register
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,10 +31,12 @@ STATIC_OPS = ["Conv", "MatMul", "Gemm", "Relu", "Clip", "MaxPool", "GlobalAverag
 DYNAMIC_OPS = ["MatMul", "Gemm"]
 CONV_SHARE_LIMIT = 0.5  # int8-dynamic is refused when convolutions hold more of the weights than this
 QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (their axis attribute) need opset 13
+JUDGED_ON = "judged_on"  # details key: the backend whose figures chose the pass's output (the gate judges on it)
 
 
 class QuantSearch(Strict):
-    """The space the accuracy-aware search tries; every combination is one candidate."""
+    """The space the accuracy-aware search tries; every combination is one candidate, judged on each
+    CPU backend of the recipe's targets that runs here (ONNX Runtime, OpenVINO)."""
 
     per_channel: list[bool] = Field(default_factory=lambda: [True, False])
     calibration: list[Literal["minmax", "entropy", "percentile"]] = Field(default_factory=lambda: ["minmax", "percentile"])
@@ -364,9 +368,10 @@ def _counts(path: Path) -> dict[str, Any]:
 
 
 def _search(model: Model, cfg: QuantizePass, ctx: PassContext) -> tuple[Path, dict[str, Any]]:
-    """Every candidate of the space, and the model as it came (fp32) beside them; a candidate that fails is
-    recorded with its reason and skipped. The fastest inside the budget wins, fp32 included."""
-    if ctx.evaluate is None or ctx.reference is None or ctx.latency is None:
+    """Every candidate of the space, and the model as it came (fp32) beside them, each judged on every
+    backend of ``ctx.judges``; a candidate that fails on all of them is recorded with its reasons and skipped.
+    The fastest (candidate, backend) inside the budget wins, fp32 included."""
+    if not ctx.judges or ctx.reference is None:
         raise BadInput("quantize search: true needs data.evaluation to judge candidates")
     space = cfg.search_space
     t0 = time.perf_counter()
@@ -390,35 +395,73 @@ def _search(model: Model, cfg: QuantizePass, ctx: PassContext) -> tuple[Path, di
         c["chosen"] = c is chosen
         c["pareto"] = "failed" not in c and not any(
             "failed" not in o and o["latency_ms"] < c["latency_ms"] and o["accuracy"] >= c["accuracy"] for o in candidates)
-    ctx.log(_table(candidates, ctx.reference))
+    ctx.log(_table(candidates, ctx.reference, list(ctx.judges)))
     final = ctx.workdir / "model.onnx"
     _keep(model.onnx_path if chosen["id"] == "fp32" else ctx.workdir / f"candidate-{chosen['id']}.onnx", final)
     for p in ctx.workdir.glob("candidate-*.onnx"):
         p.unlink()
     details = {"search": {"candidates": candidates, "sensitivity": ranking[: max(space.keep_float)],
-                          "seconds": round(time.perf_counter() - t0, 1), "chosen": chosen["id"]},
-               "mode": chosen["mode"], **_counts(final)}
+                          "backends": list(ctx.judges), "seconds": round(time.perf_counter() - t0, 1),
+                          "chosen": chosen["id"], "backend": chosen["backend"]},
+               "mode": chosen["mode"], JUDGED_ON: chosen["backend"], **_counts(final)}
     return final, details
 
 
 def _judge(ctx: PassContext, cand: dict[str, Any], path: Path, make: Any = None) -> dict[str, Any]:
-    """``cand`` with its accuracy, drop and latency (``make`` writes ``path`` first), or with the reason it
-    failed: a quantizer or runtime error in one candidate never ends the search."""
-    assert ctx.evaluate is not None and ctx.latency is not None and ctx.reference is not None
+    """``cand`` with each backend's accuracy and latency (``make`` writes ``path`` first) and, as its own
+    figures, those of its best backend (``_best``); or with the reason it failed: a quantizer or runtime
+    error in one candidate, or on one backend, never ends the search."""
+    assert ctx.reference is not None
     try:
         if make is not None:
             make()
-        acc, lat = ctx.evaluate(path), ctx.latency(path)
     except BadInput:
         raise  # the recipe's own fault (no calibration data ...): every candidate would fail alike
-    except Exception as e:  # ONNX Runtime's and the quantizer's errors are many and untyped
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-        ctx.log(f"[quantize] candidate {cand['id']} ({cand['mode']}) failed: {reason}")
-        return {**cand, "failed": reason}
+    except Exception as e:  # the quantizer's errors are many and untyped
+        return _failed(ctx, cand, _reason(e))
+    per = {name: _figures(judge, path, ctx) for name, judge in ctx.judges.items()}
+    ok = {name: f for name, f in per.items() if "failed" not in f}
+    if not ok:
+        return _failed(ctx, {**cand, "backends": per}, "; ".join(f"{n}: {f['failed']}" for n, f in per.items()))
+    name, best = _best(ok)
     ctx.log(f"[quantize] candidate {cand['id']}: {cand['mode']} per_channel={cand['per_channel']} "
-            f"calib={cand['calibration']} keep_float={cand['kept_float']} -> accuracy {acc:.4f}, {lat:.2f} ms")
-    return {**cand, "accuracy": round(acc, 5), "drop": round(ctx.reference - acc, 5), "latency_ms": round(lat, 4),
-            "within_budget": ctx.reference - acc <= ctx.max_drop + 1e-12}
+            f"calib={cand['calibration']} keep_float={cand['kept_float']} -> " + ", ".join(
+                f"{n} " + (f"failed ({f['failed'][:80]})" if "failed" in f else
+                           f"accuracy {f['accuracy']:.4f}, {f['latency_ms']:.2f} ms") for n, f in per.items()))
+    return {**cand, "backends": per, "backend": name, "accuracy": best["accuracy"],
+            "drop": round(ctx.reference - best["accuracy"], 5), "latency_ms": best["latency_ms"],
+            "within_budget": best["within_budget"]}
+
+
+def _figures(judge: Judge, path: Path, ctx: PassContext) -> dict[str, Any]:
+    """One backend's figures for ``path``, or why that backend could not run it."""
+    assert ctx.reference is not None
+    try:
+        f = judge(path)
+    except BadInput:
+        raise
+    except Exception as e:  # ONNX Runtime's and OpenVINO's errors are many and untyped
+        return {"failed": _reason(e)}
+    return {"accuracy": round(f.accuracy, 5), "latency_ms": round(f.latency_ms, 4),
+            "within_budget": ctx.reference - f.accuracy <= ctx.max_drop + 1e-12}
+
+
+def _best(ok: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """A candidate's figure: its fastest backend inside the budget, else its most accurate one."""
+    inside = {n: f for n, f in ok.items() if f["within_budget"]}
+    if inside:
+        return min(inside.items(), key=lambda kv: kv[1]["latency_ms"])
+    return max(ok.items(), key=lambda kv: kv[1]["accuracy"])
+
+
+def _failed(ctx: PassContext, cand: dict[str, Any], reason: str) -> dict[str, Any]:
+    ctx.log(f"[quantize] candidate {cand['id']} ({cand['mode']}) failed: {reason}")
+    return {**cand, "failed": reason}
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _keep(src: Path, final: Path) -> None:
@@ -491,14 +534,24 @@ def _cos_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(1 - cos))
 
 
-def _table(cands: list[dict[str, Any]], reference: float) -> str:
-    lines = [f"[quantize] search: {len(cands)} candidates (reference {reference:.4f}); * chosen, p Pareto-optimal",
-             "   id  mode          per_ch  calib       float  accuracy   drop     ms"]
+def _table(cands: list[dict[str, Any]], reference: float, backends: list[str]) -> str:
+    """The search as a table: one row per candidate, one accuracy/latency column per backend."""
+    lines = [f"[quantize] search: {len(cands)} candidates (reference {reference:.4f}); * chosen, p Pareto-optimal; "
+             "per backend: accuracy and ms",
+             "   id  mode          per_ch  calib       float  " + "".join(f"{b[:16]:<18}" for b in backends)
+             + "best"]
     for c in sorted(cands, key=lambda c: c.get("latency_ms", float("inf"))):
         mark = ("*" if c["chosen"] else " ") + ("p" if c["pareto"] else " ")
         head = (f"{mark}{c['id']:>4}  {c['mode']:<12}  {str(c['per_channel']):<6}  {str(c['calibration']):<10}"
                 f"  {str(c['kept_float']):>5}  ")
-        tail = (f"failed: {c['failed'][:60]}" if "failed" in c else
-                f"{c['accuracy']:.4f}  {c['drop']:+.4f}  {c['latency_ms']:7.2f}")
-        lines.append(head + tail)
+        per = c.get("backends", {})
+        cells = "".join(f"{_cell(per[b]) if b in per else '-':<18}" for b in backends)
+        tail = (f"failed: {c['failed'][:60]}" if "failed" in c and not per else
+                "failed on every backend" if "failed" in c else
+                f"{c['backend']} {c['drop']:+.4f}")
+        lines.append(head + cells + tail)
     return "\n".join(lines)
+
+
+def _cell(f: dict[str, Any]) -> str:
+    return "failed" if "failed" in f else f"{f['accuracy']:.4f} {f['latency_ms']:8.2f}"

@@ -27,7 +27,6 @@ def output_ports(outputs: Any, names: list[str]) -> dict[str, Any]:
 def load(folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> Runner:
     """The IR compiled on the build's device (``meta["openvino_device"]`` overrides it, as an image's
     serve.json may); ``threads`` replaces the CPU plugin's thread count."""
-    import numpy as np
     import openvino as ov
 
     entry = json.loads((folder / (meta.get("config") or CONFIG_FILE)).read_text())
@@ -36,13 +35,30 @@ def load(folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> R
         config["INFERENCE_NUM_THREADS"] = threads  # the same thread count the other backends get
     device = meta.get("openvino_device") or entry["device"]
     compiled = ov.Core().compile_model(str(folder / entry["model"]), device, config)
-    ports = output_ports(compiled.outputs, entry["outputs"])
+    return _runner(compiled, entry["inputs"], entry["outputs"])
+
+
+def onnx_file(path: Path, device: str, config: Mapping[str, Any]) -> Runner:
+    """An ONNX file compiled by OpenVINO as it is (its ONNX frontend reads QDQ graphs and runs them in
+    int8): what the quantization search times a candidate with, without building an IR first."""
+    import onnx
+    import openvino as ov
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    compiled = ov.Core().compile_model(str(path), device, dict(config))
+    return _runner(compiled, [i.name for i in graph.input if i.name not in inits], [o.name for o in graph.output])
+
+
+def _runner(compiled: Any, inputs: list[str], outputs: list[str]) -> Runner:
+    import numpy as np
+
+    ports = output_ports(compiled.outputs, outputs)
     request = compiled.create_infer_request()
-    names = entry["inputs"]
 
     def run(feed: dict[str, Any]) -> dict[str, Any]:
-        inputs = {n: np.ascontiguousarray(feed[n]) for n in names}
-        res = request.infer(inputs, share_inputs=True, share_outputs=False)  # outputs copied: buffers are reused
+        arrays = {n: np.ascontiguousarray(feed[n]) for n in inputs}
+        res = request.infer(arrays, share_inputs=True, share_outputs=False)  # outputs copied: buffers are reused
         return {n: res[p] for n, p in ports.items()}
 
     return run

@@ -4,9 +4,10 @@ and the import that names a frontend failure instead of passing its many excepti
 from __future__ import annotations
 
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-from mlopt.core.errors import UnsupportedOperator
+from mlopt.core.errors import ModelImportFailed
 from mlopt.core.util import package_version
 
 
@@ -19,23 +20,39 @@ def check_ops(proto: Any, rewritable: frozenset[str] = frozenset()) -> None:
     missing = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type not in known})
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if missing or foreign:
-        raise UnsupportedOperator(
-            f"TVM {package_version('apache-tvm')}'s ONNX frontend cannot lower {', '.join(missing + foreign)}",
-            hint="use the onnxruntime backend for this model, or replace the operator in the model",
-        )
+        raise ModelImportFailed(
+            f"TVM cannot import this model: TVM {package_version('apache-tvm')}'s ONNX frontend has no "
+            f"{', '.join(missing + foreign)}", hint=OTHER_BACKEND + ", or replace the operator in the model")
 
 
 def import_onnx(proto: Any, shapes: dict[str, list[int | str]] | None, from_onnx: Any) -> Any:
     """The Relax module of ``proto`` with the inputs' ``shapes`` where given (a name is a symbolic axis,
-    one variable per name); a frontend failure is UnsupportedOperator naming the cause."""
+    one variable per name); a frontend failure is ModelImportFailed naming the node it failed on."""
     try:
         return from_onnx(proto, shape_dict=_relax_shapes(shapes), keep_params_in_input=False)
     except Exception as e:  # the frontend raises many types; name the failure, keep the message
         text = str(e).strip().splitlines()
-        raise UnsupportedOperator(
-            f"TVM's ONNX frontend failed: {type(e).__name__}: {(text[0] if text else '')[:300]}",
-            hint="use the onnxruntime or openvino backend for this model, or fix its dynamic axes in "
-                 "benchmark.dims") from None
+        node = failed_node(e.__traceback__)
+        raise ModelImportFailed(
+            f"TVM cannot import this model: its ONNX frontend failed{f' on {node}' if node else ''} "
+            f"({type(e).__name__}: {(text[0] if text else '')[:300]})",
+            hint=OTHER_BACKEND + ", or give the model's dynamic axes fixed sizes in benchmark.dims") from None
+
+
+OTHER_BACKEND = "use the onnxruntime or openvino backend for this model"
+
+
+def failed_node(tb: TracebackType | None) -> str:
+    """The ONNX node the frontend was converting when it raised ("Resize node 'up1'"), from the innermost
+    frame of the traceback holding a ``node`` NodeProto (the frontend's conversion loop); "" if none."""
+    found = ""
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if hasattr(node, "op_type") and hasattr(node, "output"):
+            name = node.name or (node.output[0] if node.output else "")
+            found = f"{node.op_type} node {name!r}"
+        tb = tb.tb_next
+    return found
 
 
 def _relax_shapes(shapes: dict[str, list[int | str]] | None) -> dict[str, list[Any]] | None:
