@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlopt.core.errors import MloptError, UnsupportedOperator
+from mlopt.core.errors import MloptError, ModelImportFailed, UnsupportedOperator
 from mlopt.core.model import FLOAT_PRECISIONS
 from mlopt.runtime.tvm import ENTRY_FILE
 from mlopt.targets import gpu_toolchain
@@ -204,8 +204,9 @@ def _static_for_tvm(req: BuildRequest, batch: int, dest: Path) -> tuple[Path, se
         done.add(f"{lstms} LSTM unrolled over the fixed sequence length into standard operators")
     left = sorted({f"{n.op_type} {n.name}".strip() for n in proto.graph.node if n.op_type in REWRITTEN_OPS})
     if left:
-        raise UnsupportedOperator(
-            f"TVM has no {'/'.join(sorted({x.split()[0] for x in left}))} and mlopt could not rewrite "
+        raise ModelImportFailed(
+            f"TVM cannot import this model: it has no {'/'.join(sorted({x.split()[0] for x in left}))} and mlopt "
+            "could not rewrite "
             f"{', '.join(left)[:200]} with the shapes fixed (an If whose condition depends on input values, not "
             "shapes; an LSTM whose weights or sequence_lens are not constant, or with input_forget or other "
             "activations)", hint="use the onnxruntime or openvino backend for this model")
