@@ -354,7 +354,7 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference
 def _recompute(run: Run, model: Model, step: Any, reference: Reference) -> Callable[[], Any] | None:
     """A cached pass's module, rebuilt on demand (only a later training pass that missed the cache asks)."""
     spec = get_pass(step.kind)
-    if not spec.changes_outputs:  # the module still describes the result
+    if spec.keeps_module and not spec.trains_module:  # the module still describes the result
         return model.module_fn
     if not spec.trains_module:
         return None
