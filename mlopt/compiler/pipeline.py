@@ -152,7 +152,7 @@ def _withhold_unvalidated(entries: list[Entry], codes: list[int]) -> tuple[list[
                f"so its {e.chosen_backend} build for {e.sku} would ship unvalidated")
         errors.append(f"{e.sku}: {why}")
         out.append(e.model_copy(update={"chosen_backend": None, "chosen_by": why, "artifact": None, "precision": None,
-                                        "measurement": None, "cost": None}))
+                                        "measurement": None, "cost": None, "choice": None}))
     return out, errors
 
 
