@@ -56,6 +56,17 @@ def test_fuses_attention_layernorm_and_gelu_within_tolerance(tmp_path: Path) -> 
     assert worst < 1e-4
 
 
+def test_openvino_runs_the_fused_graph_within_the_float_tolerance(tmp_path: Path) -> None:
+    """OpenVINO's ONNX frontend reads the contrib operators (MultiHeadAttention, SkipLayerNormalization, BiasGelu)."""
+    import openvino as ov
+
+    fused, _ = _run(TINY_BERT, tmp_path)
+    feed = _feed()
+    got = ov.Core().compile_model(str(fused.onnx_path), "CPU")(feed)
+    tol = check.TOLERANCES["openvino"]
+    check.check_close(run_onnx(TINY_BERT, feed), {"hidden": next(iter(got.values()))}, tol.atol, tol.rtol, "openvino")
+
+
 def test_onnxruntime_fuser_alone_reports_its_statistics(tmp_path: Path) -> None:
     _, details = _run(TINY_BERT, tmp_path, fuser="onnxruntime", num_heads=4, hidden_size=32)
     assert details["fuser"] == "onnxruntime" and list(details["tries"]) == ["onnxruntime"]
