@@ -3,6 +3,7 @@ before the choice; a clear winner is not; a tie says so and goes to the SKU's ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from conftest import FAST_BENCH, HOST, tiny_onnx, write_recipe
 from mlopt.cli import app
 from mlopt.compiler import builds, measure
+from mlopt.core.errors import BackendUnavailable
 from mlopt.manifest import SCHEMA_FILE, Candidate
 from mlopt.recipes.schema import Benchmark
 
@@ -62,6 +64,15 @@ def test_a_noisy_close_pair_is_re_measured_interleaved_and_that_decides() -> Non
     assert not choice.tie and choice.rounds == 16 and "onnxruntime timings noisy" in choice.reason
 
 
+def test_a_re_measure_that_cannot_load_a_build_falls_back_to_the_first_figures_and_says_so() -> None:
+    def broken(a: Candidate, b: Candidate) -> dict:
+        raise BackendUnavailable("openvino: runtime missing")
+
+    chosen, how, choice = builds.choose([_cand("onnxruntime", [10, 80], 0.3), _cand("openvino", [10.5, 84])], broken)
+    assert chosen.backend == "onnxruntime" and how == builds.FASTEST and choice.method == "fastest"
+    assert "re-measure failed (openvino: runtime missing)" in choice.reason
+
+
 def test_two_quiet_builds_within_their_noise_band_are_re_measured() -> None:
     spy = Spy(_rounds(a_ms=10.0, b_ms=11.0))
     _, _, choice = builds.choose([_cand("onnxruntime", [10, 80], 0.08), _cand("openvino", [10.4, 83], 0.08)], spy)
@@ -85,8 +96,9 @@ def test_a_split_verdict_is_a_tie() -> None:
     assert choice.tie and choice.confidence == 0.5
 
 
-def test_interleaved_rounds_alternate_the_order_and_time_blocks() -> None:
+def test_interleaved_rounds_alternate_the_order_and_time_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake runners on a fake clock: A takes 10 ms a call, B 12 ms; rounds alternate A/B and B/A."""
+    monkeypatch.setattr(measure.hostlock, "timing", contextlib.nullcontext)  # no wait for other timed loops here
     clock, order = [0.0], []
 
     def runner(name: str, ms: float):

@@ -275,12 +275,18 @@ def _fastest(cands: list[Candidate], ranked: list[Candidate], interleave: Interl
     b = ranked[1]
     ratio = latency_of(b) / latency_of(a)
     doubt = _doubt(a, b, ratio)
-    if not doubt or interleave is None:
-        why = f"{doubt}; not re-measured here" if doubt else \
-            f"{ratio:.3f}x ahead of {b.backend}, beyond both builds' noise (spread at most {max(_spread(a), _spread(b)):.3f})"
-        return a, FASTEST, Choice(method="fastest", runner_up=b.backend, ratio=round(ratio, 4), confidence=None,
-                                  tie=False, reason=why)
-    return _decide(cands, a, b, interleave(a, b), doubt)
+    rounds, why = None, f"{doubt}; not re-measured here"
+    if doubt and interleave is not None:
+        try:
+            rounds = interleave(a, b)
+        except MloptError as e:  # a build that cannot be loaded again: the first figures decide, and say so
+            why = f"{doubt}; the interleaved re-measure failed ({e})"
+    if rounds is not None:
+        return _decide(cands, a, b, rounds, doubt)
+    if not doubt:
+        why = f"{ratio:.3f}x ahead of {b.backend}, beyond both builds' noise (spread at most {max(_spread(a), _spread(b)):.3f})"
+    return a, FASTEST, Choice(method="fastest", runner_up=b.backend, ratio=round(ratio, 4), confidence=None,
+                              tie=False, reason=why)
 
 
 def _doubt(a: Candidate, b: Candidate, ratio: float) -> str:
