@@ -67,6 +67,14 @@ def test_openvino_runs_the_fused_graph_within_the_float_tolerance(tmp_path: Path
     check.check_close(run_onnx(TINY_BERT, feed), {"hidden": next(iter(got.values()))}, tol.atol, tol.rtol, "openvino")
 
 
+def test_auto_stops_at_onnxruntime_when_its_patterns_fuse_the_attention(tmp_path: Path) -> None:
+    """The same model by the TorchScript exporter: ONNX Runtime's optimizer fuses Attention itself."""
+    fused, details = _run(TINY_BERT.with_name("tiny_bert_torchscript.onnx"), tmp_path)
+    assert details["fuser"] == "onnxruntime" and list(details["tries"]) == ["onnxruntime"]
+    assert details["fused_ops"]["Attention"] == 2 and details["num_heads"] == 4
+    check.check_pass("fuse-transformer", TINY_BERT.with_name("tiny_bert_torchscript.onnx"), fused.onnx_path, _feed())
+
+
 def test_onnxruntime_fuser_alone_reports_its_statistics(tmp_path: Path) -> None:
     _, details = _run(TINY_BERT, tmp_path, fuser="onnxruntime", num_heads=4, hidden_size=32)
     assert details["fuser"] == "onnxruntime" and list(details["tries"]) == ["onnxruntime"]
