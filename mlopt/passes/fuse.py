@@ -114,7 +114,7 @@ def _onnxruntime(original: Any, cfg: FuseTransformerPass) -> tuple[Any, dict[str
 
 
 def _onnxscript(original: Any, cfg: FuseTransformerPass) -> tuple[Any, dict[str, int]]:
-    import onnx_ir as ir
+    from onnxscript import ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     fused, stats = optimize_for_ort(ir.serde.deserialize_model(_copy(original)))
