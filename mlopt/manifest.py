@@ -21,7 +21,7 @@ from mlopt.core.errors import BadInput, MloptError
 from mlopt.core.files import write_json
 from mlopt.core.spec import InputSpec, Record
 
-MANIFEST_SCHEMA_VERSION = "1.4"
+MANIFEST_SCHEMA_VERSION = "1.5"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "manifest.schema.json"
 
 
@@ -124,6 +124,25 @@ class ImageRecord(Record):
     pushed: list[str] = Field(default_factory=list, description="Registry references by digest it was pushed to.")
 
 
+class Choice(Record):
+    """How the SKU's build was picked among the measured ones (schema 1.5)."""
+
+    method: Literal["fastest", "interleaved"] = Field(
+        description="'fastest': the lowest geometric mean of p50 over the batch sizes, clear of the noise; "
+                    "'interleaved': the two fastest were noisy or within each other's noise band, so they were "
+                    "timed again in alternating blocks (A/B, B/A ...) and that decided.")
+    runner_up: str | None = Field(description="The backend of the second-fastest measured build.")
+    ratio: float | None = Field(description="The runner-up's latency over the chosen build's (geometric mean over "
+                                            "the batch sizes; interleaved: of the per-round block medians).")
+    confidence: float | None = Field(description="Interleaved: the share of A/B rounds the faster build won "
+                                                 "(0.5: a coin flip, 1: every round).")
+    tie: bool = Field(description="The two could not be told apart (ratio under 1.03, or the faster won under 75% "
+                                  "of the rounds): the chosen one is then the first in the SKU's backend order, "
+                                  "a rule no timing can flip.")
+    reason: str = Field(description="Why this method: the noise or closeness that triggered the re-measure.")
+    rounds: int | None = Field(None, description="Interleaved: A/B rounds timed, over all batch sizes.")
+
+
 class Entry(Record):
     """One (model, SKU): the chosen build and every candidate tried."""
 
@@ -139,6 +158,8 @@ class Entry(Record):
     cost: Cost | None = Field(description="Absent unless the SKU has a price and its throughput was measured.")
     candidates: list[Candidate]
     image: ImageRecord | None = Field(None, description="The OCI image of the chosen build, once one is built.")
+    choice: Choice | None = Field(None, description="How the build was chosen among the measured ones, and how "
+                                                    "sure that is (schema 1.5).")
     requested_as: Literal["host"] | None = Field(None, description="'host' when the recipe's target 'host' resolved "
                                                                    "to this SKU on the machine that ran mlopt "
                                                                    "(schema 1.3).")
@@ -274,7 +295,7 @@ class MatrixReport(Record):
 
 
 class Manifest(Record):
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4"] = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5"] = MANIFEST_SCHEMA_VERSION
     mlopt_version: str
     created: str
     recipe: RecipeRef

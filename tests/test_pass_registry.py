@@ -36,7 +36,7 @@ PASS_FIELDS = {
 REQUIRED = {"GraphOptimizePass": ["kind"], "QuantizePass": ["kind"], "PrunePass": ["kind"],
             "StudentFromPrune": ["from"], "DistillPass": ["kind", "student"]}
 KINDS = {"graph-optimize": "GraphOptimizePass", "quantize": "QuantizePass", "prune": "PrunePass",
-         "distill": "DistillPass"}
+         "distill": "DistillPass", "fuse-transformer": "FuseTransformerPass"}
 
 
 def _schema() -> dict:
@@ -50,7 +50,9 @@ def _schema() -> dict:
 
 def test_each_pass_describes_itself() -> None:
     assert {k: (s.changes_outputs, s.trains_module) for k, s in PASSES.items()} == {
-        "graph-optimize": (False, False), "quantize": (True, False), "prune": (True, True), "distill": (True, True)}
+        "graph-optimize": (False, False), "quantize": (True, False), "prune": (True, True), "distill": (True, True),
+        "fuse-transformer": (False, False)}
+    assert [k for k, s in PASSES.items() if not s.keeps_module] == ["quantize", "fuse-transformer"]
     for kind, spec in PASSES.items():
         assert spec.kind == kind and spec.config.__name__ == KINDS[kind]
         assert spec.summary and "\n" not in spec.summary

@@ -12,15 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Literal
 
+import numpy as np
+
 from mlopt.compiler import validate as check
-from mlopt.compiler.measure import MEMORY_METHOD, measure, peak_memory
+from mlopt.compiler.measure import MEMORY_METHOD, NOISY_SPREAD, interleaved, measure, peak_memory
 from mlopt.compiler.run import Reference, Run, evaluate_outputs, geomean
 from mlopt.core.artifact import BuildInfo, BuildOutput, Validation
 from mlopt.core.errors import MloptError, ModelImportFailed, ValidationMismatch, disk_full
 from mlopt.core.files import key_of
 from mlopt.core.model import Model
 from mlopt.core.util import scratch_cwd
-from mlopt.manifest import Accuracy, ArtifactRef, Candidate, Cost, Entry, Measurement, Provenance
+from mlopt.manifest import Accuracy, ArtifactRef, Candidate, Choice, Cost, Entry, Measurement, Provenance
 from mlopt.store import Artifact
 from mlopt.targets import detect
 from mlopt.targets.backends import Availability, Backend, BuildRequest, get_backend
@@ -90,13 +92,15 @@ def build_sku(run: Run, model: Model, sku: SKU, version: int, version_key: str, 
     names = [b for b in sku.backends if allowed is None or b in allowed]
     runs_here, why_not = detect.host_runs(sku)
     candidates: list[Candidate] = []
+    targets: dict[str, Target] = {}
     for name in names:
         backend = get_backend(name)
-        t = Target(run, model, sku, backend, version, backend.availability(sku, runs_here), why_not,
-                   sku.threads or run.recipe.benchmark.threads, imports)
+        t = targets[name] = Target(run, model, sku, backend, version, backend.availability(sku, runs_here),
+                                   why_not, sku.threads or run.recipe.benchmark.threads, imports)
         candidates.append(_candidate(t, version_key, reference))
-    chosen, chosen_by = choose(candidates)
-    entry = _entry(run, sku, version, chosen, chosen_by, candidates)
+    chosen, chosen_by, choice = choose(
+        candidates, lambda a, b: interleave_builds(run, [targets[a.backend], targets[b.backend]], [a, b]))
+    entry = _entry(run, sku, version, chosen, chosen_by, candidates).model_copy(update={"choice": choice})
     reported = imports.skipped(sku.name) if imports is not None else set()
     errors, warnings, code = sku_outcome(sku.name, candidates, chosen, reported)
     if chosen is None and not names:
@@ -292,16 +296,110 @@ def _build_accuracy(run: Run, runner: Callable, reference: Reference) -> Accurac
                     **({"per_output": per_output} if per_output else {}))
 
 
-def choose(cands: list[Candidate]) -> tuple[Candidate | None, str]:
-    """The fastest measured build (geometric mean of p50 over the batch sizes); else the first built."""
+FASTEST = "fastest measured (geometric mean of p50 latency over the benchmark batch sizes)"
+TIE_RATIO = 1.03  # interleaved: closer than this is a tie
+TIE_CONFIDENCE = 0.75  # interleaved: a faster build that wins fewer rounds than this is a tie
+Rounds = dict[int, list[dict[str, float]]]  # per batch size, per round: backend -> block median ms
+Interleave = Callable[[Candidate, Candidate], Rounds]
+
+
+def choose(cands: list[Candidate], interleave: Interleave | None = None
+           ) -> tuple[Candidate | None, str, Choice | None]:
+    """The fastest measured build (geometric mean of p50 over the batch sizes); else the first built.
+
+    Where the two fastest are noisy or within each other's noise band and ``interleave`` is given, they
+    are timed again in alternating blocks, and that decides; a tie goes to the first in ``cands`` (the
+    SKU's backend order). Returns the build, how it was chosen (a sentence) and the record of it."""
     measured = [c for c in cands if c.status == "built" and c.measurement]
     if measured:
-        best = min(measured, key=lambda c: geomean([b.p50_ms for b in c.measurement.batches]))  # type: ignore[union-attr]
-        return best, "fastest measured (geometric mean of p50 latency over the benchmark batch sizes)"
+        return _fastest(cands, sorted(measured, key=latency_of), interleave)
     built = [c for c in cands if c.status == "built"]
     if built:
-        return built[0], "first in the SKU's backend order (not measurable on this machine)"
-    return None, "no backend produced a build"
+        return built[0], "first in the SKU's backend order (not measurable on this machine)", None
+    return None, "no backend produced a build", None
+
+
+def latency_of(c: Candidate) -> float:
+    """ms: geometric mean over the batch sizes of a measured build's p50."""
+    return geomean([b.p50_ms for b in c.measurement.batches])  # type: ignore[union-attr]
+
+
+def _spread(c: Candidate) -> float:
+    return max((b.spread for b in c.measurement.batches), default=0.0)  # type: ignore[union-attr]
+
+
+def _fastest(cands: list[Candidate], ranked: list[Candidate], interleave: Interleave | None
+             ) -> tuple[Candidate, str, Choice]:
+    a = ranked[0]
+    if len(ranked) == 1:
+        return a, FASTEST, Choice(method="fastest", runner_up=None, ratio=None, confidence=None, tie=False,
+                                  reason="the only measured build")
+    b = ranked[1]
+    ratio = latency_of(b) / latency_of(a)
+    doubt = _doubt(a, b, ratio)
+    rounds, why = None, f"{doubt}; not re-measured here"
+    if doubt and interleave is not None:
+        try:
+            rounds = interleave(a, b)
+        except MloptError as e:  # a build that cannot be loaded again: the first figures decide, and say so
+            why = f"{doubt}; the interleaved re-measure failed ({e})"
+    if rounds is not None:
+        return _decide(cands, a, b, rounds, doubt)
+    if not doubt:
+        why = f"{ratio:.3f}x ahead of {b.backend}, beyond both builds' noise (spread at most {max(_spread(a), _spread(b)):.3f})"
+    return a, FASTEST, Choice(method="fastest", runner_up=b.backend, ratio=round(ratio, 4), confidence=None,
+                              tie=False, reason=why)
+
+
+def _doubt(a: Candidate, b: Candidate, ratio: float) -> str:
+    """Why the first figures cannot tell the two fastest apart ("" when they can)."""
+    noisy = [c.backend for c in (a, b) if c.measurement.noisy]  # type: ignore[union-attr]
+    band = max(_spread(a), _spread(b))
+    if noisy:
+        return f"{' and '.join(noisy)} timings noisy (spread up to {band:.3f} > {NOISY_SPREAD})"
+    if ratio - 1 <= band:
+        return f"{a.backend} and {b.backend} within each other's noise band ({ratio:.3f}x apart, spread up to {band:.3f})"
+    return ""
+
+
+def _decide(cands: list[Candidate], a: Candidate, b: Candidate, rounds: Rounds, doubt: str
+            ) -> tuple[Candidate, str, Choice]:
+    """The interleaved rounds' verdict: per batch size the median of b/a over the rounds, their geometric
+    mean, and the share of rounds the faster one won; a tie goes to the first in the SKU's backend order."""
+    pairs = [r for per_batch in rounds.values() for r in per_batch]
+    ratio = geomean([float(np.median([r[b.backend] / r[a.backend] for r in rs])) for rs in rounds.values()])
+    fast, slow = (a, b) if ratio >= 1 else (b, a)
+    wins = sum(r[fast.backend] < r[slow.backend] for r in pairs) / len(pairs)
+    tie = max(ratio, 1 / ratio) < TIE_RATIO or wins < TIE_CONFIDENCE
+    chosen = min(fast, slow, key=cands.index) if tie else fast
+    other = slow if chosen is fast else fast
+    r = ratio if chosen is a else 1 / ratio
+    how = (f"a tie with {other.backend} when re-measured interleaved (A/B blocks): first in the SKU's backend order"
+           if tie else f"fastest when re-measured interleaved with {other.backend} (A/B blocks), {r:.3f}x")
+    return chosen, how, Choice(method="interleaved", runner_up=other.backend, ratio=round(r, 4),
+                               confidence=round(wins, 4), tie=tie, reason=doubt, rounds=len(pairs))
+
+
+def interleave_builds(run: Run, targets: list[Target], cands: list[Candidate]) -> Rounds:
+    """Time two measured builds of one SKU in alternating blocks on the plan's batch sizes (cached by their
+    artifacts, the host and the plan, so a replayed compile chooses as the first one did)."""
+    plan = run.recipe.benchmark.model_copy(update={"batch_sizes": run.batch_sizes})
+    key = key_of({"interleaved": [c.artifact.key for c in cands], "host": detect.host(),  # type: ignore[union-attr]
+                  "plan": plan.model_dump(), "threads": [t.threads for t in targets]})
+
+    def produce(work: Path | None = None) -> dict[str, Any]:
+        runners = {}
+        for t, c in zip(targets, cands):
+            art = run.store.get(c.artifact.key)  # type: ignore[union-attr]
+            runners[t.backend.name] = t.backend.load(art.path, art.meta, t.threads)  # type: ignore[union-attr]
+        feeds = {b: run.sample_feed(b) for b in plan.batch_sizes}
+        return {"rounds": {str(b): r for b, r in interleaved(runners, feeds, plan).items()}}
+
+    _, meta, hit = run.store.cached_step("interleave", key, produce)
+    rounds = {int(b): r for b, r in meta["rounds"].items()}
+    run.log(f"[choose] {targets[0].sku.name}: {' vs '.join(c.backend for c in cands)} re-measured interleaved, "
+            f"{sum(map(len, rounds.values()))} rounds" + (" (cached)" if hit else ""))
+    return rounds
 
 
 def cost_of(sku: SKU, m: Measurement) -> Cost | None:

@@ -110,3 +110,49 @@ def peak_memory(backend: str, modules: list[str], artifact: Path, meta: dict[str
         return None, f"not measured: the memory probe failed ({last[:200]})"
     got = json.loads(res.stdout.strip().splitlines()[-1])
     return max(0, got["peak"] - got["base"]), MEMORY_METHOD
+
+
+# ------------------------------------------------------------------ interleaved A/B re-measure
+
+INTERLEAVE_ROUNDS = 8  # A/B block pairs per batch size (at least MIN_ROUNDS within the plan's time)
+INTERLEAVE_MIN_ROUNDS = 4
+INTERLEAVE_BLOCK = 3  # calls per block
+INTERLEAVE_PAUSE_S = 0.02  # between blocks, so one runtime's spinning threads do not slow the next
+
+
+def interleaved(runners: dict[str, Callable[[Any], Any]], feeds: dict[int, Any], plan: Benchmark,
+                clock: Callable[[], float] = time.perf_counter,
+                pause: Callable[[float], None] = time.sleep) -> dict[int, list[dict[str, float]]]:
+    """Per batch size, one record per round: each build's median ms over a block of calls, the builds
+    taking turns (A/B, then B/A the next round, so a drift of the machine favours neither)."""
+    names = list(runners)
+    for r in runners.values():
+        r(feeds[max(feeds)])
+    out: dict[int, list[dict[str, float]]] = {}
+    with hostlock.timing():
+        for b in sorted(feeds):
+            out[b] = _rounds(runners, names, feeds[b], plan, clock, pause)
+    return out
+
+
+def _rounds(runners: dict[str, Callable[[Any], Any]], names: list[str], feed: Any, plan: Benchmark,
+            clock: Callable[[], float], pause: Callable[[float], None]) -> list[dict[str, float]]:
+    for r in runners.values():
+        for _ in range(min(plan.warmup, 2)):
+            r(feed)
+    rounds: list[dict[str, float]] = []
+    deadline = clock() + 2 * plan.max_seconds
+    while len(rounds) < INTERLEAVE_ROUNDS and (len(rounds) < INTERLEAVE_MIN_ROUNDS or clock() < deadline):
+        order = names if len(rounds) % 2 == 0 else names[::-1]
+        rounds.append({n: _block(runners[n], feed, clock, pause) for n in order})
+    return rounds
+
+
+def _block(run: Callable[[Any], Any], feed: Any, clock: Callable[[], float], pause: Callable[[float], None]) -> float:
+    pause(INTERLEAVE_PAUSE_S)
+    samples = []
+    for _ in range(INTERLEAVE_BLOCK):
+        t0 = clock()
+        run(feed)
+        samples.append((clock() - t0) * 1000.0)
+    return float(np.median(samples))

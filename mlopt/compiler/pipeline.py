@@ -154,7 +154,7 @@ def _withhold_unvalidated(entries: list[Entry], codes: list[int]) -> tuple[list[
                f"so its {e.chosen_backend} build for {e.sku} would ship unvalidated")
         errors.append(f"{e.sku}: {why}")
         out.append(e.model_copy(update={"chosen_backend": None, "chosen_by": why, "artifact": None, "precision": None,
-                                        "measurement": None, "cost": None}))
+                                        "measurement": None, "cost": None, "choice": None}))
     return out, errors
 
 
@@ -346,7 +346,7 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference
 def _recompute(run: Run, model: Model, step: Any, reference: Reference) -> Callable[[], Any] | None:
     """A cached pass's module, rebuilt on demand (only a later training pass that missed the cache asks)."""
     spec = get_pass(step.kind)
-    if not spec.changes_outputs:  # the module still describes the result
+    if spec.keeps_module and not spec.trains_module:  # the module still describes the result
         return model.module_fn
     if not spec.trains_module:
         return None

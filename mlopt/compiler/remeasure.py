@@ -240,12 +240,12 @@ def _measure_one(t: Target, c: Candidate, art: Artifact, reference: Reference, f
 
 def _rechoose(entry: Entry, sku: SKU, candidates: list[Candidate]) -> Entry:
     """The entry with its candidates replaced and its build chosen again by compile's rule."""
-    chosen, chosen_by = choose(candidates)
+    chosen, chosen_by, choice = choose(candidates)
     m = chosen.measurement if chosen else None
     same = chosen is not None and entry.artifact is not None and chosen.artifact is not None \
         and chosen.artifact.key == entry.artifact.key
     return entry.model_copy(update={
-        "chosen_backend": chosen.backend if chosen else None, "chosen_by": chosen_by,
+        "chosen_backend": chosen.backend if chosen else None, "chosen_by": chosen_by, "choice": choice,
         "artifact": chosen.artifact if chosen else None, "precision": chosen.precision if chosen else None,
         "measurement": m, "cost": cost_of(sku, m) if m else None, "candidates": candidates,
         "image": entry.image if same else None,  # an image of another build no longer serves this choice

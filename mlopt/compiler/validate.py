@@ -46,6 +46,16 @@ TOLERANCES: dict[str, Tolerance] = {
     PASSES: DEFAULT,
 }
 
+# Passes that keep outputs but swap subgraphs for other kernels, by pass kind (others get TOLERANCES[PASSES]).
+# Fused fp32 attention / SkipLayerNorm / BiasGelu reorder sums and mask with a finite filler instead of
+# finfo.min: the largest difference seen was 1.2e-6 (a tiny BERT, outputs up to 3.4) and 1.1e-7 (MiniLM's
+# normalised embeddings). A wrong fusion (heads, mask, scale) is off by percents, far beyond these bounds.
+PASS_TOLERANCES: dict[str, Tolerance] = {
+    "fuse-transformer": Tolerance(atol=1e-4, rtol=1e-3, rel_l2=1e-5,
+                                  why="fused fp32 kernels: allclose, or relative L2 error at most 1e-5 with no "
+                                      "element beyond 4 x atol"),
+}
+
 # Reduced-precision builds legitimately differ from the reference by rounding: an int8 kernel rounds
 # where the reference's QDQ graph computes in float, an fp16 engine rounds every product. Their check
 # guards against broken code (wrong layout, missing op), scaled to the outputs; accuracy is judged by
@@ -112,8 +122,8 @@ def validate(runner: Runner, model: Model, feed: dict[str, np.ndarray], backend:
 
 def check_pass(kind: str, old: Path, new: Path, feed: dict[str, np.ndarray]) -> float:
     """A pass that keeps outputs: the new model's outputs against the old one's on ``feed``."""
-    tol = TOLERANCES[PASSES]
-    return check_close(run_onnx(old, feed), run_onnx(new, feed), tol.atol, tol.rtol, f"pass {kind}")
+    tol = PASS_TOLERANCES.get(kind, TOLERANCES[PASSES])
+    return check_close(run_onnx(old, feed), run_onnx(new, feed), tol.atol, tol.rtol, f"pass {kind}", tol.rel_l2)
 
 
 def failed(e: ValidationMismatch) -> Validation:

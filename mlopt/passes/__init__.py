@@ -58,6 +58,7 @@ class PassSpec:
     changes_outputs: bool  # judged by the accuracy budget (True) or checked numerically against the input (False)
     trains_module: bool  # trains the PyTorch module: needs a PyTorch source, and the module must still be there
     summary: str
+    onnx_only: bool = False  # keeps outputs, but in a form (contrib operators) no export of the module reproduces
 
     @property
     def keeps_module(self) -> bool:
@@ -65,9 +66,9 @@ class PassSpec:
 
         A pass that trains the module returns the trained one; a pass that keeps outputs (graph
         clean-up) leaves it valid; a pass that changes outputs without training it (quantization)
-        leaves only ONNX.
+        leaves only ONNX, and so does one whose result is ONNX only (fused contrib operators).
         """
-        return self.trains_module or not self.changes_outputs
+        return self.trains_module or not (self.changes_outputs or self.onnx_only)
 
     def __call__(self, model: Model, cfg: Any, ctx: PassContext) -> tuple[Model, dict[str, Any]]:
         return self.fn(model, cfg, ctx)
@@ -77,14 +78,14 @@ PASSES: dict[str, PassSpec] = {}
 
 
 def register(kind: str, *, config: type, changes_outputs: bool, trains_module: bool = False,
-             summary: str | None = None) -> Callable[[PassFn], PassFn]:
+             onnx_only: bool = False, summary: str | None = None) -> Callable[[PassFn], PassFn]:
     """Register pass ``kind``: its config model and the function that runs it. A kind is registered once."""
     def deco(fn: PassFn) -> PassFn:
         if kind in PASSES:
             raise ValueError(f"pass {kind!r} is registered twice ({PASSES[kind].fn.__module__} and {fn.__module__})")
         _check_config(kind, config)
         line = summary or (config.__doc__ or fn.__doc__ or kind).strip().splitlines()[0]
-        PASSES[kind] = PassSpec(kind, config, fn, changes_outputs, trains_module, line)
+        PASSES[kind] = PassSpec(kind, config, fn, changes_outputs, trains_module, line, onnx_only)
         return fn
     return deco
 
@@ -121,4 +122,4 @@ def save_onnx(proto: Any, out: Path) -> Path:
 
 
 # The passes, registered on import, in the order the recipe schema lists them: a new pass adds its module here.
-from mlopt.passes import graph, quantize, prune, distill  # noqa: E402,F401,I001
+from mlopt.passes import graph, quantize, prune, distill, fuse  # noqa: E402,F401,I001
