@@ -130,19 +130,27 @@ def server_batching(curve: Curve, sla_s: float, overhead_s: float) -> BatchRule:
 
 def replica_capacity(curve: Curve, sla_s: float, ca2: float, overhead_s: float = 0.0) -> Capacity | None:
     """The highest rate one replica serves with p99 within ``sla_s``, batching as the image's server
-    does (``server_batching``), by bisection on the rate; None when even an unloaded replica misses."""
-    ca2 = max(ca2, 1.0)
+    does (``server_batching``); None when even an unloaded replica misses."""
     rule = server_batching(curve, sla_s, overhead_s)
-    if not rule.within_sla or _p99(curve, rule.max_batch, rule.queue_delay_s, overhead_s, np.array(1e-9), ca2) > sla_s:
+    if not rule.within_sla:
         return None
-    b = rule.max_batch
-    lo, hi = 0.0, float(b / curve.service(b)[0])
+    return capacity_at(curve, rule.max_batch, rule.queue_delay_s, sla_s, ca2, overhead_s)
+
+
+def capacity_at(curve: Curve, batch: int, delay_s: float, sla_s: float, ca2: float,
+                overhead_s: float = 0.0) -> Capacity | None:
+    """The highest rate one replica with this ``batch`` and ``delay_s`` serves with p99 within
+    ``sla_s`` (bisection on the rate); None when even an unloaded replica misses."""
+    ca2 = max(ca2, 1.0)
+    if _p99(curve, batch, delay_s, overhead_s, np.array(1e-9), ca2) > sla_s:
+        return None
+    lo, hi = 0.0, float(batch / curve.service(batch)[0])
     if overhead_s > 0:
         hi = min(hi, 1.0 / overhead_s)
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _p99(curve, b, rule.queue_delay_s, overhead_s, np.array(mid), ca2) <= sla_s else (lo, mid)
-    return Capacity(lo, b, rule.queue_delay_s, float(_p99(curve, b, rule.queue_delay_s, overhead_s, np.array(lo), ca2)))
+        lo, hi = (mid, hi) if _p99(curve, batch, delay_s, overhead_s, np.array(mid), ca2) <= sla_s else (lo, mid)
+    return Capacity(lo, batch, delay_s, float(_p99(curve, batch, delay_s, overhead_s, np.array(lo), ca2)))
 
 
 def predicted_p99(curve: Curve, batch: int, delay_s: float, rate: float, ca2: float, overhead_s: float = 0.0) -> float:
