@@ -18,10 +18,12 @@ modelled as a queue whose customers are batches:
 
   with ``C(c, a)`` Erlang's C (for c = 1, C = rho), and the usual exponential tail
   ``P(Wq > t) = C exp(-t C / E[Wq])``, so ``Wq_99 = E[Wq] / C * ln(C / 0.01)``;
-* a request's p99 is taken as ``overhead + p99(W_http + max(queue_delay, Wq)) + S_99(b)``: a
+* a request's p99 is taken as ``overhead + p99(W_http + max(queue_delay, Wq)) + S_99(n)``: a
   request that finds the batcher idle waits at most ``queue_delay`` for its batch to fill, one that
   finds it busy waits in queue and leaves in the next (full) batch, so the two waits do not add up;
-  the p99 of the sum of the two stages' waits is solved from their (exponential-tail) laws;
+  the p99 of the sum of the two stages' waits is solved from their (exponential-tail) laws; ``n``
+  is the batch it runs in, those arriving within the delay or while the server is busy, at most ``b``
+  (an unloaded server runs short batches);
 * the batch size ``b`` and the ``queue_delay`` are the server's own, from the one batching rule the
   image's serve.json is written by (``mlopt.runtime.batching.batch_rule``): the largest measured
   batch with room to wait for one more within the SLA (2 x its p99 + the overhead), and
@@ -103,7 +105,7 @@ def _survival(s: np.ndarray, c1: np.ndarray, m1: np.ndarray, c2: np.ndarray, m2:
 
 def _p99(curve: Curve, batch: int, delay_s: float, overhead_s: float, lam: np.ndarray, ca2: float) -> np.ndarray:
     """Request p99 (s) of one replica at ``batch``, ``delay_s`` and rates ``lam`` (an array): overhead +
-    delay + the p99 of (HTTP wait + the batch wait beyond the delay) + the batch's p99."""
+    delay + the p99 of (HTTP wait + the batch wait beyond the delay) + the p99 of the batch it runs in."""
     lam = np.asarray(lam, dtype=float)
     b = float(batch)
     mean, cs2, _ = (float(x) for x in curve.service(b))
