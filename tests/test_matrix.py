@@ -251,6 +251,49 @@ def test_device_tasks_ran_on_the_node_with_their_accelerator(ray_run: dict, ray_
             assert not has_resource and c.where["requested"] == {}, c.where
 
 
+def test_device_tasks_measure_with_mlopt_measure_on_their_node(ray_run: dict, ray_cluster: dict) -> None:
+    """A task placed on its device runs `mlopt measure`'s function there after compiling; the node
+    here only carries the H100's resource, not the GPU, so measure refuses (exit 4) and says why,
+    and the compile's manifest is kept."""
+    if not H100_BUILDS:
+        pytest.skip("no nvcc here: the H100 tasks build nothing to measure")
+    for c in ray_run["result"].manifest.matrix.cells:
+        if c.sku == "h100" and c.status != "failed":
+            m = c.where["measure"]
+            assert m["by"] == "mlopt measure" and m["exit_code"] == 4 and "no matching GPU" in m["error"], m
+        else:
+            assert "measure" not in c.where, c.where
+
+
+def test_measure_here_fills_the_builds_the_compile_left_without_figures(local_run: dict) -> None:
+    """What a device-placed Ray task runs after its compile, here on the host SKU: the candidates the
+    compile left unmeasured are validated and timed by `mlopt measure`'s function and merged."""
+    import copy
+
+    from mlopt.matrix.tasks import measure_here, plan
+
+    task = next(t for t in plan(local_run["config"]) if t.id == f"digits/{HOST}")
+    done = next(r for r in local_run["result"].results if r.task_id == task.id)
+    result = copy.deepcopy(done)
+    entry = next(e for e in result.manifest["entries"] if e["sku"] == task.sku.name)
+    for c in entry["candidates"]:
+        c["measurement"] = None
+    entry["measurement"] = entry["cost"] = None
+    measure_here(task, result, str(local_run["tmp"] / "store"))
+    assert result.where["measure"]["exit_code"] == 0 and result.where["measure"]["measured"], result.where
+    entry = next(e for e in result.manifest["entries"] if e["sku"] == task.sku.name)
+    chosen = next(c for c in entry["candidates"] if c["backend"] == entry["chosen_backend"])
+    # figures back for every build (here the store's timing of the same build on this SKU is reused, as
+    # `mlopt measure` does; on a device node nothing timed it before)
+    assert all({b["batch_size"] for b in c["measurement"]["batches"]} == {1, 4}
+               for c in entry["candidates"] if c["status"] == "built")
+    compiled = next(e for e in done.manifest["entries"] if e["sku"] == task.sku.name)
+    assert entry["measurement"] == chosen["measurement"] and entry["cost"] == compiled["cost"]
+    before = copy.deepcopy(result)
+    measure_here(task, result, str(local_run["tmp"] / "store"))  # nothing pending: nothing changes
+    assert result.manifest == before.manifest
+
+
 def test_shipped_artifacts_are_filed_in_the_driver_store(ray_run: dict) -> None:
     store, node = Store(ray_run["tmp"] / "store"), Store(ray_run["tmp"] / "node-store")
     keys = {a.key for e in ray_run["result"].manifest.entries for a in [e.artifact] if a}

@@ -25,12 +25,14 @@ from mlopt.plan.k8s import HTTPROUTE_SCHEMA, validate_http_route, write_k8s
 from mlopt.plan.planner import Options
 from mlopt.plan.schemas import SCHEMA_DIR, schemas
 from mlopt.plan.simulate import Served, simulate_model
+from mlopt.runtime.batching import DEFAULT_SERVER_OVERHEAD_MS
 
 pytest.importorskip("scipy")
 
 
-def _fleet(**units: int) -> Fleet:
-    return Fleet.model_validate({"skus": {k: {"zones": {"zone-a": n}} for k, n in units.items()}})
+def _fleet(overhead_ms: float | None = None, **units: int) -> Fleet:
+    extra = {} if overhead_ms is None else {"server_overhead_ms": overhead_ms}
+    return Fleet.model_validate({"skus": {k: {"zones": {"zone-a": n}, **extra} for k, n in units.items()}})
 
 
 def _traffic(**models: dict) -> Traffic:
@@ -155,10 +157,11 @@ def test_planned_pool_meets_the_sla_in_simulation_and_the_queueing_blind_one_mis
     m = fx.write(tmp_path / "m.json", [fx.entry("vision", "t4", [
         fx.candidate("vision", "t4", "tensorrt", "float16", fx.curve(2.0, 0.3))])])
     bursty = {**TWO["vision"], "peak_rps": 5000, "p99_sla_ms": 15, "arrival_cv": 2.0}
-    plan = make_plan([m], _fleet(t4=40), _traffic(vision=bursty))
+    fleet = _fleet(overhead_ms=0.0, t4=40)  # queueing in the batcher is the point here, not the HTTP stage
+    plan = make_plan([m], fleet, _traffic(vision=bursty))
     pool, model = plan.pools[0], plan.models[0]
-    assert model.meets_sla and pool.simulated_p99_ms <= 15
-    blind = make_plan([m], _fleet(t4=40), _traffic(vision=bursty),
+    assert model.meets_sla and pool.simulated_p99_ms <= 15 and pool.server_overhead_source == "fleet"
+    blind = make_plan([m], fleet, _traffic(vision=bursty),
                       Options(capacity_model="blind", derate=False, bindings=False))
     assert blind.pools[0].replicas < pool.replicas and not blind.meets_sla  # Mélange's plan is cheaper and late
     import jsonschema
@@ -178,7 +181,7 @@ def test_a_pool_that_misses_in_simulation_is_derated_and_re_solved(two_models: P
 
     def optimistic(*args: object) -> queueing.Capacity:
         c = real(*args)
-        return queueing.Capacity(c.rate * 3, c.batch, c.queue_delay_s, c.p99_s)
+        return queueing.Capacity(c.rate * 5, c.batch, c.queue_delay_s, c.p99_s)
 
     monkeypatch.setattr(pools, "replica_capacity", optimistic)
     plan = make_plan([two_models], _fleet(l4=40), _traffic(llm={**TWO["llm"], "p99_sla_ms": 30, "arrival_cv": 1.5}))
@@ -300,3 +303,37 @@ def test_every_plan_field_is_described() -> None:
     schema = schemas()["plan.schema.json"]
     for name, d in [("Plan", schema), *schema["$defs"].items()]:
         assert all("description" in v for v in d["properties"].values()), name
+
+
+def test_the_plan_batches_as_the_image_and_predicts_what_its_batching_simulates(two_models: Path) -> None:
+    """One batching rule: the serve.json the pool's image gets for the model's SLA has the plan's max
+    batch and queue delay; the simulator run with that serve.json gives the plan's simulated p99,
+    and the plan's predicted p99 (the queueing model) is within 25% of it."""
+    from mlopt.package.serving import ServingOptions, serve_spec
+    from mlopt.plan.k8s import deployable
+
+    traffic = _traffic(llm=TWO["llm"])
+    plan = make_plan([two_models], _fleet(l4=40), traffic)
+    pool, model = plan.pools[0], plan.models[0]
+    assert pool.server_overhead_source == "default" and pool.server_overhead_ms == DEFAULT_SERVER_OVERHEAD_MS
+    spec = serve_spec(deployable(pool, plan.catalog), ServingOptions(latency_sla_ms=model.p99_sla_ms))
+    assert spec["batching"]["max_batch_size"] == pool.max_batch > 1
+    assert spec["batching"]["queue_delay_us"] == pool.queue_delay_us > 0
+    curve = Curve.from_measurement(fx.measurement(fx.curve(6.0, 1.0)))
+    served = Served(pool.replicas, 1.0, spec["batching"]["max_batch_size"], spec["batching"]["queue_delay_us"] / 1e6,
+                    curve, pool.server_overhead_ms / 1e3)
+    _, whole = simulate_model("llm", traffic.models["llm"], model.peak_rps, [served], Options().requests)
+    assert whole.p99_s * 1e3 == pytest.approx(pool.simulated_p99_ms) == pytest.approx(model.simulated_p99_ms)
+    assert abs(pool.predicted_p99_ms - pool.simulated_p99_ms) <= 0.25 * pool.simulated_p99_ms
+    assert pool.predicted_p99_ms <= model.p99_sla_ms
+
+
+def test_the_simulator_counts_the_server_overhead_one_request_at_a_time() -> None:
+    from mlopt.plan.simulate import after_overhead, replica_latencies
+
+    assert np.allclose(after_overhead(np.array([0.0, 0.0, 5.0]), 1.0), [1.0, 2.0, 6.0])  # queued, then idle
+    curve = Curve.from_measurement(fx.measurement(fx.curve(1.0, 0.0, sizes=(1,), tail=1.0)))
+    lat = replica_latencies(np.array([0.0, 0.1]), 1, 0.0, curve, np.random.default_rng(0), overhead=0.002)
+    assert np.allclose(lat, [0.003, 0.003])  # 2 ms of server overhead + 1 ms of model, apart
+    c = Curve.from_measurement(fx.measurement(fx.curve(0.1, 0.01)))
+    assert queueing.replica_capacity(c, 1.0, 1.0, 0.002).rate < 500  # one event loop: below 1 / overhead

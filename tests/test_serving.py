@@ -87,11 +87,13 @@ def figures(*rows: tuple[int, float, float, float]) -> Measurement:
 
 def test_plan_follows_the_measured_curve_and_the_sla() -> None:
     curve = figures((1, 2.0, 2.5, 500.0), (4, 3.0, 4.0, 1330.0), (8, 5.0, 7.0, 1600.0), (16, 12.0, 20.0, 1700.0))
-    plan = plan_batching(curve, 10.0, batchable=True)
-    assert plan.max_batch_size == 8  # batch 16's p99 (20 ms) breaks the 10 ms SLA
-    assert plan.preferred == (4, 8)  # each at least 10% more throughput than every smaller size
-    assert plan.queue_delay_us == 3000  # SLA 10 - p99(8) 7 = 3 ms (below p50(8) = 5 ms)
-    assert plan.queue_delay_us / 1000 + 7.0 <= 10.0
+    plan = plan_batching(curve, 10.0, batchable=True, overhead_ms=0.0)
+    assert plan.max_batch_size == 4  # batch 8 leaves no room to wait for one more: 2 x p99 7 ms > 10 ms
+    assert plan.preferred == (4,)  # at least 10% more throughput than every smaller size
+    assert plan.queue_delay_us == 2250  # p50(4) x 3/4: the time a full-rate stream takes to fill it
+    served = plan_batching(curve, 10.0, batchable=True)  # the server's default overhead is part of the budget
+    assert (served.max_batch_size, served.queue_delay_us) == (4, 2250)  # 2 x 4 + 1.3 ms <= 10 ms
+    assert plan_batching(curve, 8.0, batchable=True).max_batch_size == 1  # 2 x 4 + 1.3 ms is past 8 ms
     no_sla = plan_batching(curve, None, batchable=True)
     assert (no_sla.max_batch_size, no_sla.queue_delay_us) == (16, 0) and 16 not in no_sla.preferred
     tight = plan_batching(curve, 1.0, batchable=True)
@@ -100,9 +102,9 @@ def test_plan_follows_the_measured_curve_and_the_sla() -> None:
     assert plan_batching(curve, 10.0, batchable=False).max_batch_size == 0
 
 
-def test_queue_delay_is_capped_by_one_batch_time() -> None:
+def test_queue_delay_is_the_time_a_batch_takes_to_fill() -> None:
     plan = plan_batching(figures((1, 1.0, 1.5, 1000.0), (8, 4.0, 5.0, 2000.0)), 100.0, batchable=True)
-    assert plan.queue_delay_us == 4000  # waiting longer than a batch of 8 takes gains nothing
+    assert plan.queue_delay_us == 3500  # p50(8) x 7/8: waiting longer than the batch takes to fill gains nothing
 
 
 # ------------------------------------------------------------------ Triton

@@ -29,7 +29,7 @@ from typing import Any
 
 from mlopt.core.errors import BackendUnavailable, BadInput, MloptError
 from mlopt.matrix.progress import Progress
-from mlopt.matrix.tasks import MatrixConfig, Task, TaskResult, execute, set_thread_env, worker_died
+from mlopt.matrix.tasks import MatrixConfig, Task, TaskResult, execute, measure_here, set_thread_env, worker_died
 
 POLL_S = 0.25
 # Ray wants a positive amount; this small share lets any number of build tasks sit on one GPU node.
@@ -124,7 +124,7 @@ def _run(ray: Any, tasks: list[Task], store: Path, config: MatrixConfig, progres
     sink = ray.remote(num_cpus=0)(EventSink).remote()
     remote = ray.remote(_remote_task)
     refs = {remote.options(name=f"mlopt {t.id}", max_retries=config.retries, num_cpus=1, **options[t.id])
-            .remote(t, task_store, ship, sink): t for t in tasks}
+            .remote(t, task_store, ship, sink, bool(options[t.id])): t for t in tasks}
     starts: Counter[str] = Counter()
     results: dict[str, TaskResult] = {}
     pending = list(refs)
@@ -186,8 +186,10 @@ class EventSink:
         return out
 
 
-def _remote_task(task: Task, store: str | None, ship: bool, sink: Any) -> TaskResult:
-    """The body of a Ray task: report the start, build, and pack the artifacts when shipping."""
+def _remote_task(task: Task, store: str | None, ship: bool, sink: Any, on_device: bool = False) -> TaskResult:
+    """The body of a Ray task: report the start, build, on its device measure what the build left
+    without figures (``mlopt measure``'s function, ``measure_here``), and pack the artifacts when
+    shipping."""
     import ray
 
     ctx = ray.get_runtime_context()
@@ -196,6 +198,8 @@ def _remote_task(task: Task, store: str | None, ship: bool, sink: Any) -> TaskRe
     ray.get(sink.started.remote(task.id, where))  # recorded before any work: a crash after it counts
     set_thread_env(max(1, int(resources.get("CPU", 1))))
     result = execute(task, store, where)
+    if on_device:
+        measure_here(task, result, store)
     if ship and result.manifest is not None:
         _pack_into(result, store)
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,38 @@ def _build(task: Task, store: Any, out: Path, result: TaskResult) -> None:
     result.manifest = built.manifest.model_dump(mode="json")
     errors = result.manifest["errors"]
     result.error = "; ".join(errors) if errors else None
+
+
+def measure_here(task: Task, result: TaskResult, store_root: str | None) -> None:
+    """On the task's device, after its compile: the builds of its SKU the compile left without
+    figures are validated and measured here by ``mlopt measure``'s own function
+    (``measure_manifest``), and the figures merged into the task's manifest. What happened is in
+    ``result.where["measure"]``: the backends measured, or the exit code and reason it could not
+    (the compile's manifest is kept as it was, and so is the task's exit code)."""
+    from mlopt.compiler.remeasure import MeasureRequest, measure_manifest
+    from mlopt.manifest import Manifest, write_manifest
+    from mlopt.store import Store
+
+    if result.manifest is None or not _pending(result.manifest, task.sku.name):
+        return
+    with tempfile.TemporaryDirectory(prefix="mlopt-measure-") as tmp:
+        path = Path(tmp) / "manifest.json"
+        write_manifest(Manifest.model_validate(result.manifest), path)
+        req = MeasureRequest(manifest=path, sku=task.sku.name, store=Store(store_root).root)
+        try:
+            measured = measure_manifest(req, result.log.append)
+        except MloptError as e:
+            result.where["measure"] = {"by": "mlopt measure", "exit_code": e.exit_code, "error": str(e)}
+            return
+    result.manifest = measured.manifest.model_dump(mode="json")
+    result.where["measure"] = {"by": "mlopt measure", "exit_code": measured.exit_code, "measured": measured.measured,
+                               "unmeasured": measured.unmeasured}
+
+
+def _pending(manifest: dict[str, Any], sku: str) -> bool:
+    """Whether the manifest's entry for ``sku`` has a built candidate without figures."""
+    return any(c["status"] == "built" and c.get("measurement") is None
+               for e in manifest.get("entries", []) if e["sku"] == sku for c in e["candidates"])
 
 
 def host_where() -> dict[str, Any]:

@@ -23,6 +23,7 @@ from mlopt.core.errors import BadInput, StoreError
 from mlopt.manifest import Entry, Manifest, Measurement, ModelInfo
 from mlopt.store import Artifact, Store
 from mlopt.runtime import SHIPPED_NAME
+from mlopt.runtime.batching import DEFAULT_SERVER_OVERHEAD_MS, batch_rule
 from mlopt.targets.backends import backend_spec
 from mlopt.targets.catalog import SKU, Catalog
 from mlopt.targets.ort import ENGINE_CACHE  # the volume the session settings and engine plans cache on
@@ -32,7 +33,6 @@ MODEL_DIR = f"{IMAGE_ROOT}/model"
 SERVING_DIR = f"{IMAGE_ROOT}/serving"
 ENTRY_PATH = f"{IMAGE_ROOT}/entry.py"
 RUNTIME_PATH = f"{IMAGE_ROOT}/{SHIPPED_NAME}"  # the mlopt.runtime package, whose loaders entry.py calls
-MIN_GAIN = 1.10  # a larger batch is preferred only for at least 10% more throughput
 RUNTIME_OVERHEAD = 256 << 20  # Python, numpy and the runtime library beside the model (bytes)
 # A request's tensors are held as the body (JSON text, up to ~20 bytes a number), the decoded values
 # and the array the runtime reads: 64 bytes per input element covers the widest encoding accepted.
@@ -59,6 +59,7 @@ class ServingOptions:
     replicas: int = 1
     max_replicas: int = 1
     unmeasured_max_batch: int = 8  # max_batch_size where the SKU has no figures
+    server_overhead_ms: float = DEFAULT_SERVER_OVERHEAD_MS  # the server's own time per request (batching rule)
 
 
 @dataclass(frozen=True)
@@ -139,41 +140,40 @@ def deployables(manifest: Manifest, store: Store, catalog: Catalog,
 
 
 def plan_batching(measurement: Measurement | None, sla_ms: float | None, batchable: bool,
-                  unmeasured_max: int = 8) -> BatchPlan:
-    """Triton batching from the measured curve: the largest measured batch whose p99 meets the SLA
-    is ``max_batch_size``; sizes that add at least 10% throughput over every smaller one are
-    preferred; the queue delay is what the SLA leaves after that batch's p99, at most its p50
-    (waiting longer than one batch takes gains nothing)."""
+                  unmeasured_max: int = 8, overhead_ms: float = DEFAULT_SERVER_OVERHEAD_MS) -> BatchPlan:
+    """Triton batching from the measured curve by the one batching rule the planner also uses
+    (``mlopt.runtime.batching.batch_rule``): the largest measured batch that leaves room, within the
+    SLA, to wait for one more (2 x its p99 + the server's overhead) is ``max_batch_size``; sizes that
+    add at least 10% throughput over every smaller one are preferred; the queue delay is the time a
+    full-rate stream takes to fill the batch (p50 x (b - 1) / b), at most what the SLA leaves."""
     if not batchable:
         return BatchPlan(0, (), 0, ("the model has no batch axis: Triton batching is off",))
     if measurement is None or not measurement.batches:
         return BatchPlan(unmeasured_max, (), 0, (f"not measured on this SKU: max_batch_size {unmeasured_max} "
                                                  "is a default, no preferred sizes, no queue delay",))
     batches = sorted(measurement.batches, key=lambda b: b.batch_size)
-    within = [b for b in batches if sla_ms is None or b.p99_ms <= sla_ms]
-    if not within:
+    rule = batch_rule([b.batch_size for b in batches], [b.p50_ms for b in batches], [b.p99_ms for b in batches],
+                      sla_ms, overhead_ms, [b.throughput_per_s for b in batches])
+    if not rule.within_sla:
         b = batches[0]
         return BatchPlan(b.batch_size, (), 0, (f"the latency SLA {sla_ms:g} ms cannot be met: p99 at batch "
-                                               f"{b.batch_size} is {b.p99_ms:g} ms; batching kept at its minimum",))
-    top = within[-1]
-    preferred, best = [], 0.0
-    for b in within:
-        thr = b.throughput_per_s or 0.0
-        if b.batch_size > 1 and best and thr >= best * MIN_GAIN:
-            preferred.append(b.batch_size)
-        best = max(best, thr)
+                                               f"{b.batch_size} is {b.p99_ms:g} ms (+ {overhead_ms:g} ms server "
+                                               "overhead); batching kept at its minimum",))
+    top = next(b for b in batches if b.batch_size == rule.max_batch)
     notes = [f"max_batch_size {top.batch_size}: p99 {top.p99_ms:g} ms"
-             + (f" within the {sla_ms:g} ms SLA" if sla_ms is not None else " (no latency SLA in the recipe)")]
+             + (f" (x2, + {overhead_ms:g} ms server overhead) within the {sla_ms:g} ms SLA" if sla_ms is not None
+                else " (no latency SLA in the recipe)")]
     if sla_ms is None:
-        return BatchPlan(top.batch_size, tuple(preferred), 0, tuple(notes + ["no SLA: no queue delay"]))
-    delay_ms = max(0.0, min(sla_ms - top.p99_ms, top.p50_ms))
-    notes.append(f"queue delay {delay_ms * 1000:.0f} us: queue delay + p99 {top.p99_ms:g} ms <= SLA {sla_ms:g} ms")
-    return BatchPlan(top.batch_size, tuple(preferred), int(math.floor(delay_ms * 1000)), tuple(notes))
+        return BatchPlan(top.batch_size, rule.preferred, 0, tuple(notes + ["no SLA: no queue delay"]))
+    notes.append(f"queue delay {rule.queue_delay_us} us: queue delay + p99 {top.p99_ms:g} ms + overhead "
+                 f"{overhead_ms:g} ms <= SLA {sla_ms:g} ms")
+    return BatchPlan(top.batch_size, rule.preferred, rule.queue_delay_us, tuple(notes))
 
 
 def batch_plan(d: Deployable, options: ServingOptions) -> BatchPlan:
     """The deployable's batching, for the Triton config and the image's own server alike."""
-    return plan_batching(d.entry.measurement, options.latency_sla_ms, d.batchable, options.unmeasured_max_batch)
+    return plan_batching(d.entry.measurement, options.latency_sla_ms, d.batchable, options.unmeasured_max_batch,
+                         options.server_overhead_ms)
 
 
 def request_limits(d: Deployable, plan: BatchPlan) -> dict[str, int]:

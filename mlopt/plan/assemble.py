@@ -36,11 +36,13 @@ def _pools(state: State, traffic: Traffic) -> list[PoolPlan]:
             out.append(PoolPlan(
                 name=p.name, model=m, sku=p.sku, market=p.market, backend=v.backend, precision=v.precision,
                 manifest=v.manifest, entry=v.entry, artifact_key=v.artifact_key, image=v.image,
-                replicas=s.replicas, max_batch=s.batch, queue_delay_us=int(s.queue_delay_s * 1e6),
+                replicas=s.replicas, max_batch=s.batch, queue_delay_us=round(s.queue_delay_s * 1e6),
+                server_overhead_ms=p.overhead_s * 1e3, server_overhead_source=p.overhead_source,
                 replica_capacity_rps=p.capacity.rate, derate=p.derate,
                 blind_capacity_rps=p.blind.rate if p.blind else None, weight=s.weight, peak_rps=peak,
                 usd_per_hour=p.usd_per_hour * s.replicas,
-                predicted_p99_ms=_finite(predicted_p99(v.curve, s.batch, peak / s.replicas, p.ca2) * 1e3),
+                predicted_p99_ms=_finite(predicted_p99(v.curve, s.batch, s.queue_delay_s, peak / s.replicas, p.ca2,
+                                                       p.overhead_s) * 1e3),
                 simulated_p50_ms=fig.p50_s * 1e3, simulated_p99_ms=fig.p99_s * 1e3))
     return out
 

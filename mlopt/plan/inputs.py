@@ -16,9 +16,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from mlopt.core.errors import BadInput
 from mlopt.core.spec import Strict
+from mlopt.runtime.batching import DEFAULT_SERVER_OVERHEAD_MS
 from mlopt.targets.catalog import Catalog, load_catalog
 
-INPUT_SCHEMA_VERSION = "1.0"
+INPUT_SCHEMA_VERSION = "1.0"  # traffic.yaml
+FLEET_SCHEMA_VERSION = "1.1"  # 1.1: skus.<sku>.server_overhead_ms
 PRIORITIES: dict[str, int] = {"critical": 1_000_000, "high": 100_000, "normal": 10_000, "low": 1_000}
 """Priority class -> Kubernetes PriorityClass value (higher is scheduled first, evicted last)."""
 
@@ -33,6 +35,12 @@ class SkuFleet(Strict):
                                                                          "the catalog's price of the SKU.")
     spot_usd_per_hour: float | None = Field(None, gt=0, description="Spot price of one unit; absent: no spot "
                                                                     "capacity for this SKU.")
+    server_overhead_ms: float | None = Field(
+        None, ge=0, description="The serving runtime's own time per request on this SKU (HTTP parse and encode, "
+                                "hand-offs; bench/plan_vs_server.py measures it: latency at one client less the "
+                                "queue delay and the model's compute). Default: DEFAULT_SERVER_OVERHEAD_MS of "
+                                "mlopt.runtime.batching (1.3 ms, measured on a 2-core x86-64-v3 machine); the plan "
+                                "records which was used. Since schema 1.1.")
 
     @model_validator(mode="after")
     def _counts(self) -> "SkuFleet":
@@ -49,7 +57,8 @@ class SkuFleet(Strict):
 class Fleet(Strict):
     """``fleet.yaml``: per catalog SKU, how many units there are and what they cost."""
 
-    schema_version: Literal["1.0"] = Field(INPUT_SCHEMA_VERSION, description="Version of this file's schema.")
+    schema_version: Literal["1.0", "1.1"] = Field(FLEET_SCHEMA_VERSION, description="Version of this file's schema "
+                                                                                "(1.0 files read as they are).")
     catalog: str | None = Field(None, description="A catalog file extending the bundled one (as --catalog); "
                                                   "relative to this file.")
     max_spot_share: float = Field(0.5, ge=0, le=1, description="Largest share of the plan's replicas on spot "
@@ -152,6 +161,12 @@ def check_fleet(fleet: Fleet, catalog: Catalog) -> None:
         if catalog.get(name).name != name:
             raise BadInput(f"fleet SKU {name!r} is an alias; use the catalog name {catalog.get(name).name!r}")
         on_demand_price(fleet, catalog, name)
+
+
+def server_overhead(fleet: Fleet, sku: str) -> tuple[float, Literal["fleet", "default"]]:
+    """The server's per-request overhead (ms) on ``sku``: the fleet's figure, else the stated default."""
+    given = fleet.skus[sku].server_overhead_ms
+    return (given, "fleet") if given is not None else (DEFAULT_SERVER_OVERHEAD_MS, "default")
 
 
 def on_demand_price(fleet: Fleet, catalog: Catalog, sku: str) -> float:

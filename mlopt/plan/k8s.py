@@ -98,7 +98,8 @@ def deployable(pool: PoolPlan, catalog: str | None) -> Deployable:
 
 def pool_workload(plan: Plan, pool: PoolPlan, model: ModelPlan, image: str) -> tuple[kube.Workload, ServingOptions]:
     """The pool's pod: ``kube.workload`` plus its market's nodes, PriorityClass and batch settings."""
-    options = ServingOptions(latency_sla_ms=model.p99_sla_ms, replicas=pool.replicas, max_replicas=pool.replicas)
+    options = ServingOptions(latency_sla_ms=model.p99_sla_ms, replicas=pool.replicas, max_replicas=pool.replicas,
+                             server_overhead_ms=pool.server_overhead_ms)
     w = kube.workload(deployable(pool, plan.catalog), image, options)
     name = dns_name(f"{pool.model}-{pool.backend}-{pool.precision or ''}-{pool.sku}-{pool.market}")
     labels = {**w.labels, "app.kubernetes.io/name": name, "mlopt.dev/market": pool.market}

@@ -108,7 +108,7 @@ def served(problem: Problem, solution: Solution, model: str) -> list[tuple[int, 
     used = [(i, p) for i, p in enumerate(problem.pools) if p.model == model and solution.replicas[i] > 0]
     total = sum(p.capacity.rate * solution.replicas[i] for i, p in used)
     return [(i, Served(solution.replicas[i], p.capacity.rate * solution.replicas[i] / total, p.capacity.batch,
-                       p.capacity.queue_delay_s, p.variant.curve)) for i, p in used]
+                       p.capacity.queue_delay_s, p.variant.curve, p.overhead_s)) for i, p in used]
 
 
 def simulate_all(problem: Problem, solution: Solution, traffic: Traffic,

@@ -16,7 +16,7 @@ import numpy as np
 from mlopt.core.errors import BadInput
 from mlopt.manifest import Candidate, Entry, Manifest, read_manifest
 from mlopt.plan.curve import Curve
-from mlopt.plan.inputs import Fleet, ModelTraffic, Traffic, catalog_of, on_demand_price
+from mlopt.plan.inputs import Fleet, ModelTraffic, Traffic, catalog_of, on_demand_price, server_overhead
 from mlopt.plan.queueing import Capacity, blind_capacity, replica_capacity
 
 
@@ -50,6 +50,8 @@ class Pool:
     capacity: Capacity  # the rate the MILP uses (derated by the simulation if it must be)
     blind: Capacity | None  # Mélange's queueing-blind capacity
     ca2: float  # squared CV of the model's arrivals
+    overhead_s: float = 0.0  # the server's own time per request on the SKU (fleet.yaml, else the default)
+    overhead_source: str = "default"  # "fleet" or "default"
     derate: float = 1.0  # factor the simulation applied to the queueing model's capacity
 
     @property
@@ -167,12 +169,14 @@ def _accuracy_problem(v: Variant, t: ModelTraffic) -> str | None:
 
 def _markets(v: Variant, t: ModelTraffic, fleet: Fleet, price: float, excluded: list[str]) -> list[Pool]:
     ca2 = arrival_ca2(t)
-    cap = replica_capacity(v.curve, t.p99_sla_ms / 1e3, ca2)
+    overhead_ms, source = server_overhead(fleet, v.sku)
+    cap = replica_capacity(v.curve, t.p99_sla_ms / 1e3, ca2, overhead_ms / 1e3)
     if cap is None:
         excluded.append(f"{v.model} {v.label} on {v.sku}: p99 {v.curve.p99_s[0] * 1e3:g} ms at batch "
-                        f"{v.curve.sizes[0]} is above the {t.p99_sla_ms:g} ms SLA")
+                        f"{v.curve.sizes[0]} + {overhead_ms:g} ms server overhead ({source}) is above the "
+                        f"{t.p99_sla_ms:g} ms SLA")
         return []
     blind = blind_capacity(v.curve, t.p99_sla_ms / 1e3)
     spot = fleet.skus[v.sku].spot_usd_per_hour
     prices = [("on-demand", price)] + ([("spot", spot)] if spot is not None and fleet.max_spot_share > 0 else [])
-    return [Pool(v, market, p, cap, blind, ca2) for market, p in prices]
+    return [Pool(v, market, p, cap, blind, ca2, overhead_ms / 1e3, source) for market, p in prices]

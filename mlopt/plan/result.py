@@ -9,7 +9,7 @@ from pydantic import Field
 
 from mlopt.core.spec import Strict
 
-PLAN_SCHEMA_VERSION = "1.0"
+PLAN_SCHEMA_VERSION = "1.1"  # 1.1: pools[].server_overhead_ms and server_overhead_source; batching by batch_rule
 
 
 class PoolPlan(Strict):
@@ -26,8 +26,16 @@ class PoolPlan(Strict):
     artifact_key: str = Field(description="The build's content address in the store.")
     image: str | None = Field(description="The image by digest; null when the build has no pushed image.")
     replicas: int = Field(ge=1, description="Replicas at the peak (the Deployment's; the HPA's maximum).")
-    max_batch: int = Field(ge=1, description="The batcher's largest batch (at most the largest measured).")
-    queue_delay_us: int = Field(ge=0, description="The batcher's queue delay.")
+    max_batch: int = Field(ge=1, description="The batcher's largest batch: for a queueing plan the one the image's "
+                                             "serve.json has for this SLA (mlopt.runtime.batching.batch_rule).")
+    queue_delay_us: int = Field(ge=0, description="The batcher's queue delay: for a queueing plan the image's "
+                                                  "serve.json's for this SLA (batch_rule).")
+    server_overhead_ms: float = Field(0.0, ge=0, description="The server's own time per request (HTTP parse and "
+                                                             "encode) the prediction and simulation include, and "
+                                                             "the batching rule leaves out of the SLA. Since 1.1.")
+    server_overhead_source: Literal["fleet", "default"] = Field(
+        "default", description="fleet: fleet.yaml's server_overhead_ms for the SKU; default: "
+                               "DEFAULT_SERVER_OVERHEAD_MS (not measured for this fleet). Since 1.1.")
     replica_capacity_rps: float = Field(description="Requests/s one replica serves within the SLA (after any "
                                                     "derating by the simulation).")
     derate: float = Field(description="Factor the simulation applied to the queueing model's capacity (1: none).")
@@ -73,7 +81,7 @@ class Binding(Strict):
 class Plan(Strict):
     """The cheapest mix of pools that meets every model's p99 SLA, checked by simulation."""
 
-    schema_version: Literal["1.0"] = Field(PLAN_SCHEMA_VERSION, description="Version of this document's schema.")
+    schema_version: Literal["1.1"] = Field(PLAN_SCHEMA_VERSION, description="Version of this document's schema.")
     objective: str = Field(description="What was minimised, in order.")
     capacity_model: Literal["queueing", "blind"] = Field(description="queueing: Allen-Cunneen with the arrival "
                                                                      "variability; blind: Mélange's (no queueing).")

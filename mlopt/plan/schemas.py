@@ -8,22 +8,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlopt.plan.inputs import INPUT_SCHEMA_VERSION, Fleet, Traffic
+from mlopt.plan.inputs import FLEET_SCHEMA_VERSION, INPUT_SCHEMA_VERSION, Fleet, Traffic
 from mlopt.plan.result import plan_schema
 
 SCHEMA_DIR = Path(__file__).with_name("schemas")
 
 
-def _schema(model: type, name: str) -> dict[str, Any]:
+def _schema(model: type, name: str, version: str) -> dict[str, Any]:
     schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = f"https://mlopt.dev/schemas/{name}-{INPUT_SCHEMA_VERSION}.json"
+    schema["$id"] = f"https://mlopt.dev/schemas/{name}-{version}.json"
     return schema
 
 
 def schemas() -> dict[str, dict[str, Any]]:
     """File name -> JSON Schema, for fleet.yaml, traffic.yaml and the plan."""
-    return {"fleet.schema.json": _schema(Fleet, "fleet"), "traffic.schema.json": _schema(Traffic, "traffic"),
+    return {"fleet.schema.json": _schema(Fleet, "fleet", FLEET_SCHEMA_VERSION),
+            "traffic.schema.json": _schema(Traffic, "traffic", INPUT_SCHEMA_VERSION),
             "plan.schema.json": plan_schema()}
 
 

@@ -5,7 +5,10 @@ of variation (shape ``1 / cv^2``), or the traffic's trace scaled to the peak rat
 each request to a replica at random, with the plan's weights (a pool's weight shared equally by its
 replicas). Each replica is one server with a dynamic batcher, as Triton's: when the server is free,
 a batch closes once ``max_batch`` requests wait or the oldest has waited ``queue_delay``; it runs
-for a log-normal time with the measured p50 and p99 of its size (``curve.py``). Seeded per model,
+for a log-normal time with the measured p50 and p99 of its size (``curve.py``). Ahead of the batcher
+each request takes the server's own per-request overhead (HTTP parse and encode: the fleet's
+``server_overhead_ms``), one request at a time, as the server's one event loop does; the batcher
+sees a request when that is done, and its latency counts from its arrival. Seeded per model,
 so the same plan gives the same figures. The first 2% of arrivals (the empty start) are not counted.
 """
 
@@ -34,6 +37,7 @@ class Served:
     batch: int
     queue_delay_s: float
     curve: Curve
+    overhead_s: float = 0.0  # the server's own time per request, ahead of the batcher
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,20 @@ def arrivals(t: ModelTraffic, rate: float, n: int, rng: np.random.Generator) -> 
     return np.cumsum(gaps)
 
 
+def after_overhead(times: np.ndarray, overhead: float) -> np.ndarray:
+    """When each request, arriving at ``times`` (sorted), reaches the batcher: served one at a time
+    for ``overhead`` seconds each (``d_i = max(a_i, d_{i-1}) + overhead``, in closed form)."""
+    if overhead <= 0:
+        return times
+    k = np.arange(times.size) * overhead
+    return np.maximum.accumulate(times - k) + k + overhead
+
+
 def replica_latencies(times: np.ndarray, batch: int, delay: float, curve: Curve,
-                      rng: np.random.Generator, sizes: list[int] | None = None) -> np.ndarray:
-    """Latency (s) of each request of one replica, arriving at ``times`` (sorted); the size of each
-    batch run is appended to ``sizes`` where one is given."""
-    a, n = times.tolist(), times.size
+                      rng: np.random.Generator, sizes: list[int] | None = None, overhead: float = 0.0) -> np.ndarray:
+    """Latency (s) of each request of one replica, arriving at ``times`` (sorted), the server's
+    ``overhead`` included; the size of each batch run is appended to ``sizes`` where one is given."""
+    a, n = after_overhead(times, overhead).tolist(), times.size
     p50, p99 = curve.at(np.arange(1, batch + 1))
     med, sig = p50.tolist(), (np.log(np.maximum(p99 / p50, 1.0)) / Z99).tolist()
     z = rng.standard_normal(n).tolist()
@@ -90,7 +103,7 @@ def simulate_model(name: str, t: ModelTraffic, rate: float, pools: list[Served],
         mine = np.flatnonzero(target == r)
         if mine.size:
             s = pools[owner[r]]
-            lat[mine] = replica_latencies(times[mine], s.batch, s.queue_delay_s, s.curve, rng)
+            lat[mine] = replica_latencies(times[mine], s.batch, s.queue_delay_s, s.curve, rng, overhead=s.overhead_s)
     counted = times >= times[-1] * WARMUP
     per_pool = [_figures(lat[counted & (owner[target] == i)]) for i in range(len(pools))]
     return per_pool, _figures(lat[counted])
