@@ -91,6 +91,11 @@ class UnsupportedOperator(BackendUnavailable):
     """A backend cannot lower an operator of the model."""
 
 
+class UnsupportedType(BackendUnavailable):
+    """A model's input or output has a type mlopt or a backend cannot take (a string, float8 or 4-bit
+    tensor, a sequence, an optional)."""
+
+
 class RegistryError(MloptError):
     """A container registry cannot be used: unreachable, credentials refused, an image (a base
     image, say) that does not exist there, or an upload it rejected."""

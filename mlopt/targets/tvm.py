@@ -35,7 +35,7 @@ from mlopt.targets.backends import (
 from mlopt.targets.catalog import SKU
 from mlopt.targets.devcode import require_device_code
 from mlopt.targets.tvm_lower import GPU_KINDS, _cross_linker, compile_module
-from mlopt.targets.tvm_onnx import check_ops, static_onnx
+from mlopt.targets.tvm_onnx import check_ops, check_outputs, static_onnx
 
 # TVM sizes its thread pool once, from TVM_NUM_THREADS, when the runtime starts: without it, it uses
 # half the cores on x86 and config_threadpool can only lower that. Set it before tvm is imported.
@@ -78,6 +78,7 @@ class TVMBackend(Backend):
 
         proto = onnx.load(str(req.model.onnx_path))
         check_ops(proto)
+        check_outputs(proto)
         target_dict = dict(req.sku.tvm_target or {})
         kind = target_dict.get("kind", "llvm")
         details: dict[str, Any] = {"target": target_dict, "tuning_trials": req.tuning_trials}

@@ -1,0 +1,80 @@
+"""Types at the TVM backend's edges, as the ONNX node tests found them: element types and value kinds
+mlopt refuses in one line with exit 4 (strings, float8, 4-bit, optionals, sequences), and the ones it
+runs with the reference's numerics (an omitted optional input, Shape's int64 output, bfloat16)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import HOST
+from mlopt.cli import app
+
+runner = CliRunner()
+
+
+def _save(path: Path, nodes: list, inputs: list, outputs: list, inits: list | None = None, opset: int = 21) -> Path:
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "t", inputs, outputs, inits or [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def _compile(model: Path, tmp: Path) -> object:
+    return runner.invoke(app, ["compile", str(model), "--backend", "tvm", "--target", HOST, "--store",
+                               str(tmp / "store"), "--out", str(tmp / "out"), "--runs", "2", "--warmup", "0",
+                               "--batch-sizes", "1"])
+
+
+def _one_line_exit_4(res: object, *words: str) -> None:
+    assert res.exit_code == 4, res.output
+    assert "Traceback" not in res.output and all(w in res.output for w in words), res.output
+
+
+@pytest.mark.parametrize("elem, text", [("STRING", "tensor(string)"), ("FLOAT8E4M3FN", "tensor(float8e4m3fn)"),
+                                        ("INT4", "tensor(int4)"), ("FLOAT4E2M1", "tensor(float4e2m1)")])
+def test_an_input_of_an_element_type_mlopt_cannot_feed_is_refused_in_one_line(tmp_path: Path, elem: str,
+                                                                              text: str) -> None:
+    from onnx import TensorProto, helper
+
+    t = getattr(TensorProto, elem)
+    model = _save(tmp_path / "m.onnx", [helper.make_node("Identity", ["x"], ["y"])],
+                  [helper.make_tensor_value_info("x", t, [2])], [helper.make_tensor_value_info("y", t, [2])])
+    _one_line_exit_4(_compile(model, tmp_path), f"input 'x' is {text}", "float32")
+
+
+def test_optional_and_sequence_inputs_are_refused_in_one_line(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    opt = helper.make_tensor_type_proto(TensorProto.FLOAT, [2])
+    model = _save(tmp_path / "o.onnx", [helper.make_node("Identity", ["x"], ["y"])],
+                  [helper.make_value_info("x", helper.make_optional_type_proto(opt))],
+                  [helper.make_value_info("y", helper.make_optional_type_proto(opt))])
+    _one_line_exit_4(_compile(model, tmp_path), "input 'x' is optional(tensor(float))")
+    seq = _save(tmp_path / "s.onnx", [helper.make_node("SequenceLength", ["x"], ["n"])],
+                [helper.make_value_info("x", helper.make_sequence_type_proto(opt))],
+                [helper.make_tensor_value_info("n", TensorProto.INT64, [])])
+    _one_line_exit_4(_compile(seq, tmp_path / "2"), "input 'x' is seq(tensor(float))")
+
+
+def test_a_string_output_is_refused_by_the_tvm_backend_in_one_line(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from mlopt.core.errors import UnsupportedType
+    from mlopt.targets.tvm_onnx import check_outputs
+
+    model = _save(tmp_path / "m.onnx", [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.STRING)],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                  [helper.make_tensor_value_info("y", TensorProto.STRING, [2])])
+    import onnx
+
+    with pytest.raises(UnsupportedType, match=r"output 'y' is tensor\(string\)") as e:
+        check_outputs(onnx.load(str(model)))
+    assert e.value.exit_code == 4 and "\n" not in str(e.value)
