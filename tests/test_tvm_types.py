@@ -78,3 +78,34 @@ def test_a_string_output_is_refused_by_the_tvm_backend_in_one_line(tmp_path: Pat
     with pytest.raises(UnsupportedType, match=r"output 'y' is tensor\(string\)") as e:
         check_outputs(onnx.load(str(model)))
     assert e.value.exit_code == 4 and "\n" not in str(e.value)
+
+
+@pytest.fixture
+def tvm_backend(monkeypatch: pytest.MonkeyPatch) -> object:
+    """The node-test adapter over TVMBackend, compiling in this process."""
+    import onnx_node_backend
+
+    monkeypatch.setattr("mlopt.targets.tvm.ISOLATE_CPU_BUILDS", False)
+    return onnx_node_backend.backend()
+
+
+def test_an_omitted_optional_input_shape_output_and_bfloat16_run_with_the_references_numerics(
+        tvm_backend: object) -> None:
+    import ml_dtypes
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = np.array([[-2.0, 0.5, 3.0]], np.float32)
+    clip = helper.make_graph(  # Clip's min omitted (""), max given as an initializer
+        [helper.make_node("Clip", ["x", "", "hi"], ["y"]), helper.make_node("Shape", ["x"], ["s"]),
+         helper.make_node("Cast", ["x"], ["b"], to=TensorProto.BFLOAT16)], "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3]),
+         helper.make_tensor_value_info("s", TensorProto.INT64, [2]),
+         helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [1, 3])],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "hi")])
+    model = helper.make_model(clip, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    y, s, b = tvm_backend.prepare(model).run([x])
+    np.testing.assert_array_equal(y, [[-2.0, 0.5, 1.0]])
+    assert s.dtype == np.int64 and s.tolist() == [1, 3]
+    assert b.dtype == ml_dtypes.bfloat16 and b.astype(np.float32).tolist() == x.tolist()
