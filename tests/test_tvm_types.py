@@ -109,3 +109,15 @@ def test_an_omitted_optional_input_shape_output_and_bfloat16_run_with_the_refere
     np.testing.assert_array_equal(y, [[-2.0, 0.5, 1.0]])
     assert s.dtype == np.int64 and s.tolist() == [1, 3]
     assert b.dtype == ml_dtypes.bfloat16 and b.astype(np.float32).tolist() == x.tolist()
+
+
+def test_a_model_without_inputs_runs(tvm_backend: object) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    value = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = helper.make_graph([helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(value))], "t",
+                              [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    (y,) = tvm_backend.prepare(model).run([])
+    np.testing.assert_array_equal(y, value)

@@ -109,7 +109,7 @@ def load(folder: Path, meta: Mapping[str, Any], threads: int | None = None) -> R
         return np.asarray(list(value) if hasattr(value, "__len__") else value, dtype=np.int64)
 
     def run(feed: dict[str, Any]) -> dict[str, Any]:
-        first = feed[names[0]]
+        first = feed[names[0]] if names else None  # a model of constants takes no input
         batch = len(first) if np.ndim(first) else None
         if batch in vms or len(vms) == 1 or batch is None:
             return once(vms.get(batch, vms[None]), feed)
