@@ -87,7 +87,7 @@ class Pool:
     def __init__(self, code: Path, log: Path):
         self.ctx, self.code, self.log, self.proc, self.conn = multiprocessing.get_context("spawn"), code, log, None, None
 
-    def run(self, name: str, path: Path, timeout: float) -> dict[str, Any]:
+    def run(self, name: str, op: str, path: Path, timeout: float) -> dict[str, Any]:
         if self.proc is None:
             self.conn, child = self.ctx.Pipe()
             self.proc = self.ctx.Process(target=worker, args=(child, str(self.code), str(self.log)), daemon=True)
@@ -105,7 +105,7 @@ class Pool:
             self.proc.join(5)
             kind, reason = "crash", f"the worker died (exit code {self.proc.exitcode})"
         self.stop()
-        return {"name": name, "status": "fail", "kind": kind, "reason": reason,
+        return {"name": name, "op": op, "status": "fail", "kind": kind, "reason": reason,
                 "seconds": round(time.perf_counter() - t0, 2)}
 
     def stop(self) -> None:
@@ -127,20 +127,17 @@ def cpu_flags() -> dict[str, Any]:
 
 
 def summarise(results: list[dict[str, Any]], wall: float, code: Path) -> dict[str, Any]:
-    from onnx.defs import get_all_schemas
-
     import onnx
 
     from mlopt.core.util import package_version
 
-    ops = sorted({s.name for s in get_all_schemas()})
     passed = sum(r["status"] == "pass" for r in results)
     by_kind = collections.Counter(r["kind"] for r in results if r["status"] != "pass")
     per_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     import onnx_node_backend as nb
 
     for r in results:
-        per_op[nb.op_of(r["name"], ops)][r["status"]] += 1
+        per_op[r["op"]][r["status"]] += 1
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "code": str(code), "onnx": onnx.__version__, "apache-tvm": package_version("apache-tvm"),
@@ -150,7 +147,7 @@ def summarise(results: list[dict[str, Any]], wall: float, code: Path) -> dict[st
         "fail_by_class": dict(by_kind.most_common()),
         "mlopt_side": sum(n for k, n in by_kind.items() if k.startswith("mlopt:")),
         "per_op": {op: {"pass": c["pass"], "total": sum(c.values())} for op, c in sorted(per_op.items())},
-        "failures": [{k: r[k] for k in ("name", "kind", "reason")} for r in results if r["status"] != "pass"],
+        "failures": [{k: r[k] for k in ("name", "op", "kind", "reason")} for r in results if r["status"] != "pass"],
     }
 
 
@@ -171,6 +168,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     _paths(args.code.resolve())
+    import onnx_node_backend as nb
+
     cases = node_cases(args.pattern)
     work = Path(tempfile.mkdtemp(prefix="node-suite-"))
     log = args.out.with_suffix(".log") if args.out != OUT else work / "worker.log"
@@ -181,7 +180,7 @@ def main() -> int:
         for k, case in enumerate(cases):
             path = work / f"{k}.pkl"
             path.write_bytes(pickle.dumps(case))
-            results.append(pool.run(case.name, path, args.timeout))
+            results.append(pool.run(case.name, nb.op_of(case), path, args.timeout))
             path.unlink()
             crashes = crashes + 1 if results[-1]["kind"] == "crash" else 0
             if crashes >= 5:

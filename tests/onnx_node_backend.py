@@ -70,16 +70,16 @@ class Outcome:
     """One node test's result: ``status`` pass/fail, the failure's ``kind`` and a one-line ``reason``."""
 
     name: str
+    op: str
     status: str
     kind: str = ""
     reason: str = ""
 
 
-def op_of(name: str, ops: list[str]) -> str:
-    """The operator a node test exercises: the longest known operator name its test name starts with."""
-    stem = name.removeprefix("test_").removesuffix("_cpu")
-    hits = [op for op in ops if stem == op.lower() or stem.startswith(op.lower() + "_")]
-    return max(hits, key=len) if hits else stem.split("_")[0]
+def op_of(case: Any) -> str:
+    """The operator a node test exercises (its model's first node)."""
+    nodes = case.model.graph.node
+    return nodes[0].op_type if nodes else "(none)"
 
 
 def run_case(case: Any, backend_cls: Any) -> Outcome:
@@ -88,16 +88,16 @@ def run_case(case: Any, backend_cls: Any) -> Outcome:
 
     try:
         rep = backend_cls.prepare(case.model, "CPU")
-        for inputs, refs in case.data_sets:
-            got = rep.run([_normalize_tensor(x) for x in inputs])
+        results = [(rep.run([_normalize_tensor(x) for x in inputs]), refs) for inputs, refs in case.data_sets]
+    except Exception as e:  # classify everything: the suite reports, it does not stop
+        return Outcome(case.name, op_of(case), "fail", *classify(e))
+    try:
+        for got, refs in results:
             Runner.assert_similar_outputs([_normalize_tensor(r) for r in refs], got, rtol=case.rtol,
                                           atol=case.atol, model_dir=None)
-    except BaseException as e:  # classify everything: the suite reports, it does not stop
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        kind, reason = classify(e)
-        return Outcome(case.name, "fail", kind, reason)
-    return Outcome(case.name, "pass")
+    except (AssertionError, TypeError, AttributeError) as e:  # the build ran and answered otherwise
+        return Outcome(case.name, op_of(case), "fail", f"TVM result: wrong {_wrong_what(str(e))}", _assertion_line(e))
+    return Outcome(case.name, op_of(case), "pass")
 
 
 def classify(e: BaseException) -> tuple[str, str]:
@@ -106,8 +106,6 @@ def classify(e: BaseException) -> tuple[str, str]:
 
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     line = f"{type(e).__name__}: {first}"
-    if isinstance(e, AssertionError):
-        return f"wrong {_wrong_what(str(e))}", _assertion_line(e)
     if isinstance(e, UnsupportedOperator):
         return ("TVM frontend: operator unsupported" if "cannot lower" in str(e) else
                 "TVM frontend: import failed"), line
@@ -129,7 +127,7 @@ def _wrong_what(text: str) -> str:
     return "number of outputs" if "Items are not equal" in text else "result"
 
 
-def _assertion_line(e: AssertionError) -> str:
+def _assertion_line(e: Exception) -> str:
     text = [t.strip() for t in str(e).strip().splitlines() if t.strip()]
     return " | ".join(text[:3])[:300]
 
