@@ -7,6 +7,13 @@ compares with ONNX's reference outputs and tolerances. One worker process runs t
 another; a test past ``--timeout`` seconds, or one that kills the worker, is recorded and the
 worker restarted.
 
+Failure classes (tests/onnx_node_backend.py): ``mlopt: ...`` is mlopt's own failure on a valid model
+(the count that must be zero); ``refused: ...`` is a stated one-line refusal with its exit code (a type
+mlopt cannot feed or TVM cannot return); ``TVM frontend: ...`` is TVM's ONNX importer (an operator it
+lacks, one that needs a constant where the test feeds a runtime input, other import errors);
+``TVM: ...`` an error raised inside TVM's lowering or runtime; ``TVM result: wrong ...`` a build that
+ran and answered otherwise than ONNX's reference (shape, dtype, numerics, number of outputs).
+
     nice -n 10 python bench/node_suite.py --label after          # writes bench/results-node-suite.json
     python bench/node_suite.py --label before --code /tmp/main   # mlopt imported from another checkout
     python bench/node_suite.py -k '^test_(reshape|shape)' --label try --out /tmp/r.json
@@ -131,11 +138,12 @@ def summarise(results: list[dict[str, Any]], wall: float, code: Path) -> dict[st
 
     from mlopt.core.util import package_version
 
+    import onnx_node_backend as nb
+
+    results = [{**r, "kind": nb.refine(r["kind"], r["reason"])} if r["status"] != "pass" else r for r in results]
     passed = sum(r["status"] == "pass" for r in results)
     by_kind = collections.Counter(r["kind"] for r in results if r["status"] != "pass")
     per_op: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    import onnx_node_backend as nb
-
     for r in results:
         per_op[r["op"]][r["status"]] += 1
     return {
@@ -146,6 +154,7 @@ def summarise(results: list[dict[str, Any]], wall: float, code: Path) -> dict[st
         "pass_rate": round(passed / max(len(results), 1), 4),
         "fail_by_class": dict(by_kind.most_common()),
         "mlopt_side": sum(n for k, n in by_kind.items() if k.startswith("mlopt:")),
+        "stated_refusals": sum(n for k, n in by_kind.items() if k.startswith("refused:")),
         "per_op": {op: {"pass": c["pass"], "total": sum(c.values())} for op, c in sorted(per_op.items())},
         "failures": [{k: r[k] for k in ("name", "op", "kind", "reason")} for r in results if r["status"] != "pass"],
     }
@@ -192,7 +201,8 @@ def main() -> int:
     summary = summarise(results, time.perf_counter() - t0, args.code.resolve())
     write(args.out, args.label, summary)
     print(f"\n{summary['pass']}/{summary['total']} = {summary['pass_rate']:.1%} pass "
-          f"({summary['mlopt_side']} failures on mlopt's side); {summary['wall_s']:.0f} s")
+          f"({summary['mlopt_side']} failures on mlopt's side, {summary['stated_refusals']} stated refusals); "
+          f"{summary['wall_s']:.0f} s")
     for kind, n in summary["fail_by_class"].items():
         print(f"  {n:5d}  {kind}")
     return 0

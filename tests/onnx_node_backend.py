@@ -8,6 +8,7 @@ non-expanded node test, one worker process at a time with a per-test timeout).
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 import traceback
 from pathlib import Path
@@ -107,14 +108,26 @@ def classify(e: BaseException) -> tuple[str, str]:
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     line = f"{type(e).__name__}: {first}"
     if isinstance(e, UnsupportedOperator):
-        return ("TVM frontend: operator unsupported" if "cannot lower" in str(e) else
-                "TVM frontend: import failed"), line
+        return refine("TVM frontend: operator unsupported" if "cannot lower" in str(e) else
+                      "TVM frontend: import failed", line), line
     if isinstance(e, BackendUnavailable):  # a stated refusal: the backend cannot express the model
         return f"refused: {type(e).__name__} (exit {e.exit_code})", line
     if isinstance(e, MloptError):  # the models are valid ONNX: refusing one at ingest is mlopt's failure
         return f"mlopt: {type(e).__name__} (exit {e.exit_code})", line
     origin = _origin(e)
     return f"{origin}: {type(e).__name__}", line
+
+
+# TVM's frontend messages where an operator needs a constant (axes, sizes, k, pads, a shape) that the
+# node test feeds as a runtime input
+NEEDS_CONSTANT = re.compile(r"constant|[Dd]ynamic|'Var'|ir\.expr\.Var|new shape to be Shape")
+
+
+def refine(kind: str, reason: str) -> str:
+    """A frontend import failure split by its cause where the message tells it."""
+    if kind == "TVM frontend: import failed" and NEEDS_CONSTANT.search(reason):
+        return "TVM frontend: needs a constant where the test has a runtime input"
+    return kind
 
 
 def _wrong_what(text: str) -> str:
