@@ -165,7 +165,14 @@ def write(out: Path, label: str, summary: dict[str, Any]) -> None:
     doc = json.loads(out.read_text()) if out.exists() else {}
     doc.setdefault("about", __doc__.strip().splitlines()[0])
     doc.setdefault("runs", {})[label] = summary
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out.write_text(compact_json(doc) + "\n")
+
+
+def compact_json(doc: Any) -> str:
+    """Indented JSON with each innermost object (a per-op row, a failure) on one line."""
+    text = json.dumps(doc, indent=1)
+    return re.sub(r"\{\n\s*([^{}\[\]]*?)\n\s*\}",
+                  lambda m: "{" + " ".join(line.strip() for line in m.group(1).splitlines()) + "}", text)
 
 
 def main() -> int:
