@@ -16,13 +16,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mlopt.core.model import ONNX_TO_NUMPY, Model, file_digest
+from mlopt.core.model import ONNX_TO_NUMPY, Model, file_digest, type_text
 from mlopt.compiler.feeds import run_onnx
 from mlopt.compiler.pt2_safety import check_pt2
 from mlopt.compiler.validate import check_close
-from mlopt.core.errors import ModelLoadError
+from mlopt.core.errors import ModelLoadError, UnsupportedType
 from mlopt.core.callables import load_callable
-from mlopt.core.spec import InputSpec
+from mlopt.core.spec import DTYPES, InputSpec
 from mlopt.recipes.schema import ModelSource
 
 
@@ -102,15 +102,18 @@ def graph_inputs(proto: Any) -> list[InputSpec]:
         if inp.name in inits:
             continue
         tt = inp.type.tensor_type
+        dtype = ONNX_TO_NUMPY.get(tt.elem_type) if inp.type.HasField("tensor_type") else None
+        if dtype is None:
+            raise UnsupportedType(
+                f"input {inp.name!r} is {type_text(inp.type)}; mlopt compiles models whose inputs are tensors of "
+                f"{', '.join(DTYPES)}", hint="make the input one of those in the model (a Cast node after it), "
+                "or run the model with onnxruntime directly")
         dims: list[int | str] = []
         for k, d in enumerate(tt.shape.dim):
             if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(d.dim_value)
             else:
                 dims.append(_axis_name(d.dim_param, inp.name, k))
-        dtype = ONNX_TO_NUMPY.get(tt.elem_type)
-        if dtype is None:
-            raise ModelLoadError(f"input {inp.name!r} has an element type mlopt does not handle ({tt.elem_type})")
         specs.append(InputSpec(name=inp.name, shape=dims, dtype=dtype))
     return specs
 

@@ -96,6 +96,11 @@ class ModelImportFailed(UnsupportedOperator):
     on every SKU of that backend, so a build reports it once for the model, not once per SKU."""
 
 
+class UnsupportedType(BackendUnavailable):
+    """A model's input or output has a type mlopt or a backend cannot take (a string, float8 or 4-bit
+    tensor, a sequence, an optional)."""
+
+
 class RegistryError(MloptError):
     """A container registry cannot be used: unreachable, credentials refused, an image (a base
     image, say) that does not exist there, or an upload it rejected."""

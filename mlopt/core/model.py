@@ -16,6 +16,25 @@ ONNX_TO_NUMPY = {
 }
 
 
+def type_text(tp: Any) -> str:
+    """An ONNX TypeProto as ONNX writes it: ``tensor(float8e4m3fn)``, ``seq(tensor(float))``, ``optional(...)``."""
+    import onnx
+
+    kind = tp.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        elem = getattr(tp, kind).elem_type
+        name = onnx.helper.tensor_dtype_to_string(elem).rpartition(".")[2].lower() if elem else "undefined"
+        return f"{'sparse_' if kind.startswith('sparse') else ''}tensor({name})"
+    if kind == "sequence_type":
+        return f"seq({type_text(tp.sequence_type.elem_type)})"
+    if kind == "optional_type":
+        return f"optional({type_text(tp.optional_type.elem_type)})"
+    if kind == "map_type":
+        key = onnx.helper.tensor_dtype_to_string(tp.map_type.key_type).rpartition(".")[2].lower()
+        return f"map({key}, {type_text(tp.map_type.value_type)})"
+    return kind or "an untyped value"
+
+
 @dataclass(frozen=True)
 class Model:
     """One model on its way through the pipeline."""

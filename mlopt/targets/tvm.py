@@ -35,7 +35,7 @@ from mlopt.targets.backends import (
 from mlopt.targets.catalog import SKU
 from mlopt.targets.devcode import require_device_code
 from mlopt.targets.tvm_lower import GPU_KINDS, _cross_linker, compile_module
-from mlopt.targets.tvm_onnx import check_ops, static_onnx
+from mlopt.targets.tvm_onnx import check_ops, check_outputs, static_onnx
 from mlopt.targets.tvm_rewrite import REWRITTEN_OPS, unroll_lstms
 
 # TVM sizes its thread pool once, from TVM_NUM_THREADS, when the runtime starts: without it, it uses
@@ -79,6 +79,7 @@ class TVMBackend(Backend):
 
         proto = onnx.load(str(req.model.onnx_path))
         check_ops(proto, rewritable=REWRITTEN_OPS)
+        check_outputs(proto)
         target_dict = dict(req.sku.tvm_target or {})
         kind = target_dict.get("kind", "llvm")
         details: dict[str, Any] = {"target": target_dict, "tuning_trials": req.tuning_trials}

@@ -7,7 +7,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from mlopt.core.errors import ModelImportFailed
+from mlopt.core.errors import ModelImportFailed, UnsupportedType
+from mlopt.core.model import type_text
 from mlopt.core.util import package_version
 
 
@@ -23,6 +24,21 @@ def check_ops(proto: Any, rewritable: frozenset[str] = frozenset()) -> None:
         raise ModelImportFailed(
             f"TVM cannot import this model: TVM {package_version('apache-tvm')}'s ONNX frontend has no "
             f"{', '.join(missing + foreign)}", hint=OTHER_BACKEND + ", or replace the operator in the model")
+
+
+# Output element types TVM has no dtype for (ONNX STRING); ingest already refuses such inputs.
+NO_TVM_DTYPE = {8}
+
+
+def check_outputs(proto: Any) -> None:
+    """Refuse outputs the Relax VM cannot return as one tensor each: strings, sequences, optionals, maps."""
+    for out in proto.graph.output:
+        tensor = out.type.HasField("tensor_type")
+        if not tensor or out.type.tensor_type.elem_type in NO_TVM_DTYPE:
+            raise UnsupportedType(
+                f"output {out.name!r} is {type_text(out.type)}; mlopt's TVM backend returns numeric tensors "
+                f"(TVM {package_version('apache-tvm')} has no {'string dtype' if tensor else 'such value'})",
+                hint="use the onnxruntime backend for this model")
 
 
 def import_onnx(proto: Any, shapes: dict[str, list[int | str]] | None, from_onnx: Any) -> Any:
