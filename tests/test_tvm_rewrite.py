@@ -79,6 +79,19 @@ def test_unrolled_lstm_matches_onnx_runtime(direction: str, layout: int, states:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_weights_fed_as_inputs_are_sliced_in_the_graph() -> None:
+    proto = lstm_model("bidirectional", states=True, peep=True)
+    for init in list(proto.graph.initializer):  # W, R, B, P become graph inputs, as in ONNX's node tests
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    weights = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    del proto.graph.initializer[:]
+    unrolled, n = unroll_lstms(proto)
+    assert n == 1
+    feed = {**{k: v for k, v in feed_for(proto).items() if k not in weights}, **weights}
+    for want, got in zip(run(proto, feed), run(unrolled, feed)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_opset_12_model_gets_attribute_axes() -> None:
     proto = lstm_model("bidirectional", opset=12)
     unrolled, n = unroll_lstms(proto)

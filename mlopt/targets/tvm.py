@@ -209,7 +209,7 @@ def _static_for_tvm(req: BuildRequest, batch: int, dest: Path) -> tuple[Path, se
             f"TVM cannot import this model: it has no {'/'.join(sorted({x.split()[0] for x in left}))} and mlopt "
             "could not rewrite "
             f"{', '.join(left)[:200]} with the shapes fixed (an If whose condition depends on input values, not "
-            "shapes; an LSTM whose weights or sequence_lens are not constant, or with input_forget or other "
+            "shapes; an LSTM whose sequence_lens is not constant, or with input_forget or other "
             "activations)", hint="use the onnxruntime or openvino backend for this model")
     check_ops(proto)
     onnx.save(proto, str(folded))

@@ -7,9 +7,9 @@ cell update (ONNX's LSTM definition: gates in the order i, o, f, c; optional bia
 states and peepholes; forward, reverse and bidirectional; ``layout`` 0 and 1; ``clip``). Every
 operator it writes is one TVM lowers, so an OCR recogniser or speech model with an LSTM builds.
 
-Not rewritten (the node stays, and TVM's operator check names it): ``sequence_lens`` that is not a
-constant equal to the sequence length, ``input_forget``, activations other than the defaults, and
-weights that are not constants.
+Not rewritten (the node stays, and the build names it): ``sequence_lens`` that is not a constant
+equal to the sequence length, ``input_forget``, and activations other than the defaults. Weights
+that are graph inputs rather than constants are sliced in the graph.
 """
 
 from __future__ import annotations
@@ -104,8 +104,7 @@ def _unroll(node: Any, shapes: dict[str, list[int | None]], consts: dict[str, np
     direction = a.get("direction", b"forward")
     direction = direction.decode() if isinstance(direction, bytes) else direction
     dirs = 2 if direction == "bidirectional" else 1
-    if (g.opset < 11 or w not in consts or r not in consts or (b and b not in consts) or (p and p not in consts)
-            or a.get("input_forget", 0) or (acts and acts != DEFAULT_ACTIVATIONS * dirs)):
+    if g.opset < 11 or a.get("input_forget", 0) or (acts and acts != DEFAULT_ACTIVATIONS * dirs):
         return False
     xs = shapes.get(x)
     if not xs or len(xs) != 3 or any(d is None for d in xs):
@@ -113,7 +112,9 @@ def _unroll(node: Any, shapes: dict[str, list[int | None]], consts: dict[str, np
     seq, batch = (xs[0], xs[1]) if layout == 0 else (xs[1], xs[0])
     if seq_lens and not (seq_lens in consts and np.all(consts[seq_lens] == seq)):
         return False
-    hidden = hidden or consts[r].shape[-1]
+    hidden = hidden or (consts[r].shape[-1] if r in consts else (shapes.get(r) or [None])[-1])
+    if not hidden:
+        return False
     clip = a.get("clip")
     if layout == 1:  # [batch, seq, input] -> [seq, batch, input]; states [batch, dirs, H] -> [dirs, batch, H]
         x = g.op("Transpose", [x], "x_seq_first", perm=[1, 0, 2])
@@ -145,15 +146,14 @@ def _direction(g: _Graph, x: str, consts: dict[str, np.ndarray], w: str, r: str,
                c0: str, d: int, seq: int, batch: int, hidden: int, reverse: bool,
                clip: float | None) -> tuple[str, str, str]:
     """One direction over the whole sequence: (Y [seq, 1, batch, H], Y_h [1, batch, H], Y_c [1, batch, H])."""
-    wt = consts[w][d].T.astype(np.float32)  # [I, 4H]
-    rt = consts[r][d].T.astype(np.float32)  # [H, 4H]
-    bias = (consts[b][d][: 4 * hidden] + consts[b][d][4 * hidden:]) if b else np.zeros(4 * hidden, np.float32)
-    proj = g.op("Add", [g.op("MatMul", [x, g.const(wt, "w")]), g.const(bias.astype(np.float32), "b")], "xw")
+    wt, rt = _weight(g, consts, w, d), _weight(g, consts, r, d)  # [I, 4H], [H, 4H]
+    proj = g.op("Add", [g.op("MatMul", [x, wt]), _bias(g, consts, b, d, hidden)], "xw") if b else \
+        g.op("MatMul", [x, wt], "xw")
     zeros = np.zeros((batch, hidden), np.float32)
     h = g.op("Gather", [h0, g.const(np.array(d), "dir")], axis=0) if h0 else g.const(zeros, "h0")
     c = g.op("Gather", [c0, g.const(np.array(d), "dir")], axis=0) if c0 else g.const(zeros, "c0")
-    peep = consts[p][d].astype(np.float32) if p else None
-    r_name = g.const(rt, "r")
+    peep = [_part(g, consts, p, d, k, hidden) for k in range(3)] if p else None  # i, o, f
+    r_name = rt
     steps: dict[int, str] = {}
     for t in (range(seq - 1, -1, -1) if reverse else range(seq)):
         xt = g.op("Gather", [proj, g.const(np.array(t), "t")], axis=0)  # [batch, 4H]
@@ -162,17 +162,41 @@ def _direction(g: _Graph, x: str, consts: dict[str, np.ndarray], w: str, r: str,
                                          g.const(np.array([(k + 1) * hidden]), "e"), g.const(np.array([1]), "ax")])
                           for k in range(4))
         if peep is not None:
-            gi = g.op("Add", [gi, g.op("Mul", [c, g.const(peep[:hidden], "pi")])])
-            gf = g.op("Add", [gf, g.op("Mul", [c, g.const(peep[2 * hidden:], "pf")])])
+            gi = g.op("Add", [gi, g.op("Mul", [c, peep[0]])])
+            gf = g.op("Add", [gf, g.op("Mul", [c, peep[2]])])
         gi, gf, gc = (_clip(g, v, clip) for v in (gi, gf, gc))
         i, f, cand = g.op("Sigmoid", [gi]), g.op("Sigmoid", [gf]), g.op("Tanh", [gc])
         c = g.op("Add", [g.op("Mul", [f, c]), g.op("Mul", [i, cand])], "c")
         if peep is not None:
-            go = g.op("Add", [go, g.op("Mul", [c, g.const(peep[hidden: 2 * hidden], "po")])])
+            go = g.op("Add", [go, g.op("Mul", [c, peep[1]])])
         h = g.op("Mul", [g.op("Sigmoid", [_clip(g, go, clip)]), g.op("Tanh", [c])], "h")
         steps[t] = h
     y = g.op("Concat", [g.unsqueeze(steps[t], [0, 1], "y_t") for t in range(seq)], "y", axis=0)
     return y, g.unsqueeze(h, [0], "y_h"), g.unsqueeze(c, [0], "y_c")
+
+
+def _weight(g: _Graph, consts: dict[str, np.ndarray], name: str, d: int) -> str:
+    """Direction ``d`` of W or R ([dirs, 4H, n]) transposed to [n, 4H]: a constant where the weights are,
+    else Gather + Transpose in the graph."""
+    if name in consts:
+        return g.const(consts[name][d].T.astype(np.float32), "w")
+    return g.op("Transpose", [g.op("Gather", [name, g.const(np.array(d), "dir")], axis=0)], "wt", perm=[1, 0])
+
+
+def _part(g: _Graph, consts: dict[str, np.ndarray], name: str, d: int, k: int, size: int) -> str:
+    """Part ``k`` (of ``size`` values) of direction ``d`` of a [dirs, n x size] tensor (B, P)."""
+    if name in consts:
+        return g.const(consts[name][d][k * size:(k + 1) * size].astype(np.float32), "part")
+    row = g.op("Gather", [name, g.const(np.array(d), "dir")], axis=0)
+    return g.op("Slice", [row, g.const(np.array([k * size]), "s"), g.const(np.array([(k + 1) * size]), "e"),
+                          g.const(np.array([0]), "ax")], "part")
+
+
+def _bias(g: _Graph, consts: dict[str, np.ndarray], b: str, d: int, hidden: int) -> str:
+    """Wb + Rb of direction ``d`` ([4H])."""
+    if b in consts:
+        return g.const((consts[b][d][: 4 * hidden] + consts[b][d][4 * hidden:]).astype(np.float32), "b")
+    return g.op("Add", [_part(g, consts, b, d, 0, 4 * hidden), _part(g, consts, b, d, 1, 4 * hidden)], "b")
 
 
 def _clip(g: _Graph, x: str, clip: float | None) -> str:
