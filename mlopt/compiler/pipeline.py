@@ -298,6 +298,7 @@ def _pass_context(run: Run, work: Path, reference: Reference) -> PassContext:
     return PassContext(
         workdir=work,
         calibration=run.calibration if run.recipe.data.calibration else None,
+        evaluation=run.evaluation if has_eval else None,
         evaluate=(lambda p: evaluate(run, onnx_runner(p, run.recipe.benchmark.threads, optimize=True), reference))
         if has_eval else None,
         reference=reference.accuracy.value if reference.accuracy is not None else None,

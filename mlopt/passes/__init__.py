@@ -25,6 +25,7 @@ class PassContext:
 
     workdir: Path
     calibration: Any = None  # mlopt.compiler.data.Batches, or None when the recipe has no calibration data
+    evaluation: Any = None  # mlopt.compiler.data.Batches the metric judges (``evaluate`` reads them itself)
     evaluate: Callable[[Path], float] | None = None  # metric of an ONNX file on the evaluation data
     reference: float | None = None  # the original model's metric
     max_drop: float = 0.0
