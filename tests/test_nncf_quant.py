@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import HOST
+from conftest import HOST, digits_recipe
 from mlopt.compiler import ingest
 from mlopt.compiler.data import Batches
 from mlopt.core.model import Model
@@ -179,3 +179,27 @@ def test_recipe_accepts_nncf_options_and_rejects_unknown_ones() -> None:
         QuantizePass(kind="quantize", mode="nncf-ptq", model_type="cnn")
     with pytest.raises(ValidationError, match="precisions"):
         QuantizePass(kind="quantize", search=True, search_space={"precisions": ["nncf-qat"]})
+
+
+def test_compile_with_nncf_ptq_builds_int8_for_onnxruntime_and_openvino(tmp_path: Path) -> None:
+    """The whole pipeline: the digits example quantized by NNCF passes the gate, and both backends build the
+    QDQ model, pass validation against it and keep the accuracy budget."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mlopt.cli import app
+
+    recipe = digits_recipe(tmp_path, passes=[{"kind": "quantize", "mode": "nncf-ptq"}], targets=[HOST],
+                           backends=["onnxruntime", "openvino"], accuracy={"max_drop": 0.02})
+    res = CliRunner().invoke(app, ["compile", str(recipe), "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    report = m["models"][0]["passes"][0]
+    assert report["status"] == "applied" and report["details"]["mode"] == "nncf-ptq"
+    assert report["details"]["int8_weight_tensors"] >= 3
+    built = {c["backend"]: c for c in m["entries"][0]["candidates"] if c["status"] == "built"}
+    assert set(built) == {"onnxruntime", "openvino"}, m["entries"][0]["candidates"]
+    for c in built.values():
+        assert c["validation"]["status"] == "passed" and c["measurement"]["batches"][0]["p50_ms"] > 0
+    assert m["entries"][0]["measurement"]["accuracy"]["within_budget"]
