@@ -26,7 +26,7 @@ PASS_FIELDS = {
     "GraphOptimizePass": ["kind", "name", "on_violation", "fold_constants"],
     "QuantizePass": ["kind", "name", "on_violation", "mode", "per_channel", "calibration", "calibration_batches",
                      "op_types", "exclude_nodes", "float_input_channels", "weight_bits", "block_size",
-                     "keep_io_types", "search", "search_space"],
+                     "keep_io_types", "preset", "model_type", "search", "search_space"],
     "QuantSearch": ["per_channel", "calibration", "keep_float", "precisions", "max_candidates"],
     "PrunePass": ["kind", "name", "on_violation", "method", "ratio", "heads", "importance", "global_pruning",
                   "ignore", "finetune_steps", "lr"],

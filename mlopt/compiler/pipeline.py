@@ -293,6 +293,9 @@ def _pass_context(run: Run, work: Path, reference: Reference) -> PassContext:
         workdir=work,
         calibration=run.calibration if run.recipe.data.calibration else None,
         judges=judges.judges(run, reference, judges.judge_backends(run)) if has_eval else {},
+        evaluation=run.evaluation if has_eval else None,
+        evaluate=(lambda p: evaluate(run, onnx_runner(p, run.recipe.benchmark.threads, optimize=True), reference))
+        if has_eval else None,
         reference=reference.accuracy.value if reference.accuracy is not None else None,
         max_drop=run.recipe.accuracy.max_drop,
         log=run.log,

@@ -137,4 +137,5 @@ def geomean(xs: list[float]) -> float:
 
 
 def toolchain() -> dict[str, str]:
-    return {p: package_version(p) for p in ("mlopt", "onnx", "onnxruntime", "onnxscript", "torch", "apache-tvm", "numpy")}
+    return {p: package_version(p) for p in ("mlopt", "onnx", "onnxruntime", "onnxscript", "torch", "apache-tvm", "numpy",
+                                            "nncf")}

@@ -39,6 +39,8 @@ class PassContext:
     # backend name -> its judge, for each CPU backend of the recipe's targets that runs here (ONNX Runtime
     # first); empty when the recipe has no evaluation data
     judges: dict[str, Judge] = field(default_factory=dict)
+    evaluation: Any = None  # mlopt.compiler.data.Batches the metric judges (``evaluate`` reads them itself)
+    evaluate: Callable[[Path], float] | None = None  # the metric of an ONNX file on the evaluation data (ONNX Runtime)
     reference: float | None = None  # the original model's metric
     max_drop: float = 0.0
     log: Callable[[str], None] = field(default=lambda _: None)

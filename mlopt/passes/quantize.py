@@ -21,6 +21,7 @@ from mlopt.core.model import Model
 from mlopt.core.spec import Strict
 from mlopt.core.util import scratch_cwd
 from mlopt.passes import Judge, PassContext, register
+from mlopt.passes.nncf_quant import NNCF_MODES, quantize_nncf
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,8 +45,9 @@ class QuantSearch(Strict):
         default_factory=lambda: [0, 2, 4, 8],
         description="How many of the most sensitive nodes (per-node sensitivity analysis) stay in float.",
     )
-    precisions: list[Literal["int8-static", "int8-dynamic", "bf16"]] = Field(
-        default_factory=lambda: ["int8-static"], description="Precisions to try besides the configured mode.")
+    precisions: list[Literal["int8-static", "int8-dynamic", "bf16", "nncf-ptq", "nncf-accuracy-control"]] = Field(
+        default_factory=lambda: ["int8-static"], description="Precisions to try besides the configured mode "
+        "(nncf-ptq and nncf-accuracy-control: one candidate each, NNCF's own placement; see mode).")
     max_candidates: int = Field(24, gt=0, description="Stop after this many candidates.")
 
 
@@ -55,9 +57,12 @@ class QuantizePass(Strict):
     kind: Literal["quantize"]
     name: str | None = None
     on_violation: Literal["fail", "skip"] | None = None
-    mode: Literal["int8-static", "int8-dynamic", "weight-only", "fp16", "bf16"] = Field(
+    mode: Literal["int8-static", "int8-dynamic", "weight-only", "fp16", "bf16", "nncf-ptq", "nncf-accuracy-control"] = Field(
         "int8-static", description="int8-static: QDQ with calibration; int8-dynamic: MatMul/Gemm weights int8, "
-        "activations quantized at run time; weight-only: int4/int8 MatMul weights; fp16/bf16: float precision.")
+        "activations quantized at run time; weight-only: int4/int8 MatMul weights; fp16/bf16: float precision; "
+        "nncf-ptq: NNCF's post-training int8 (QDQ that ONNX Runtime and OpenVINO both run in int8; see preset, "
+        "model_type); nncf-accuracy-control: NNCF's int8 that returns the most harmful quantizers to float until "
+        "the evaluation metric drops at most accuracy.max_drop (needs data.evaluation).")
     per_channel: bool = Field(True, description="Per-channel (True) or per-tensor weight scales.")
     calibration: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Calibration method.")
     calibration_batches: int = Field(8, gt=0, description="Calibration batches taken from data.calibration.")
@@ -69,6 +74,12 @@ class QuantizePass(Strict):
     weight_bits: Literal[4, 8] = Field(4, description="weight-only: bits per weight.")
     block_size: int = Field(32, ge=16, description="weight-only: weights per scale (a power of two).")
     keep_io_types: bool = Field(True, description="fp16/bf16: keep float32 inputs and outputs.")
+    preset: Literal["performance", "mixed"] | None = Field(
+        None, description="nncf-*: performance (symmetric weights and activations) or mixed (asymmetric "
+        "activations); default: mixed for model_type transformer, else performance.")
+    model_type: Literal["transformer"] | None = Field(
+        None, description="nncf-*: transformer keeps LayerNorm, Softmax and residual adds of BERT-style models in "
+        "float (NNCF's transformer patterns).")
     search: bool = Field(False, description="Accuracy-aware search: keep the fastest candidate inside the budget.")
     search_space: QuantSearch = Field(default_factory=QuantSearch)
 
@@ -94,7 +105,7 @@ def quantize(model: Model, cfg: QuantizePass, ctx: PassContext) -> tuple[Model, 
 
 def _apply(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str], out: Path) -> dict[str, Any]:
     fn = {"int8-static": _static, "int8-dynamic": _dynamic, "weight-only": _weight_only,
-          "fp16": _float16, "bf16": _bfloat16}[cfg.mode]
+          "fp16": _float16, "bf16": _bfloat16, "nncf-ptq": _nncf, "nncf-accuracy-control": _nncf}[cfg.mode]
     details = fn(model, cfg, ctx, exclude, out)
     return {"mode": cfg.mode, "excluded": exclude, **details, **_counts(out)}
 
@@ -227,6 +238,11 @@ def thin_convs(path: Path, max_channels: int) -> list[str]:
     dims = {i.name: list(i.dims) for i in proto.graph.initializer}
     return [n.name for n in proto.graph.node
             if n.op_type == "Conv" and len(dims.get(n.input[1], [])) == 4 and dims[n.input[1]][1] <= max_channels]
+
+
+def _nncf(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str], out: Path) -> dict[str, Any]:
+    source = upgraded_opset(model.onnx_path, ctx)
+    return {**quantize_nncf(source, cfg, ctx, exclude, out), "opset": onnx_opset(source)}
 
 
 def _dynamic(model: Model, cfg: QuantizePass, ctx: PassContext, exclude: list[str], out: Path) -> dict[str, Any]:
@@ -479,6 +495,9 @@ def _space(cfg: QuantizePass) -> list[tuple[str, bool, str, int]]:
     modes = list(dict.fromkeys([cfg.mode, *s.precisions]))
     out = []
     for mode in modes:
+        if mode in NNCF_MODES:  # one candidate: NNCF places its quantizers (and accuracy control its float layers)
+            out.append((mode, True, cfg.calibration, 0))
+            continue
         calibs = s.calibration if mode == "int8-static" else [cfg.calibration]
         for pc, calib, keep in itertools.product(s.per_channel, calibs, sorted(s.keep_float)):
             out.append((mode, pc, calib, keep))
