@@ -82,6 +82,21 @@ def test_tuning_records_are_reused_by_workload(tmp_path: Path) -> None:
     assert cand["validation"]["status"] == "passed"
 
 
+def test_cpu_tuning_registers_the_cpu_intrinsics_only() -> None:
+    """A CPU target's tuning registers x86 and Arm intrinsics (VNNI tiling needs them), not cuda's (130 s of CPU)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mlopt.targets.tvm_tune import register_intrinsics; register_intrinsics('llvm'); "
+            "from tvm.s_tir import TensorIntrin as T; import tvm.s_tir.tensor_intrin as p; "
+            "print(T.get('dot_16x4_vnni') is not None, T.get('dot_4x4_i8i8s32_neon') is not None, "
+            "T.get('wmma_sync_16x16x16_f16f16f32', allow_missing=True) is None, hasattr(p, 'cuda'), "
+            "'tvm.s_tir.tensor_intrin.cuda' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True", "True", "False", "False"]
+
+
 # ---------------------------------------------------------------- ONNX backend test suite
 
 OPS = "add|relu|conv|matmul|gemm|softmax|maxpool|averagepool|batchnorm|reshape|transpose|concat|sigmoid|tanh|gather|flatten"

@@ -12,8 +12,12 @@ again, so a second build with the same workloads spends no trials.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import math
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,11 +28,38 @@ from mlopt.targets.tvm_onnx import import_onnx
 from mlopt.core.util import stdout_to_stderr
 
 FAILED_RUN = 1e9  # MetaSchedule stores failed trials with run_secs = 1e10
+INTRINSICS = "tvm.s_tir.tensor_intrin"
+# Registering the tensor intrinsics of these device families (TVMScript parsed at import) took 130 s
+# of CPU per process here, cuda alone most of it; a CPU (llvm) target never tensorizes with them.
+DEVICE_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
 
 
-def _builder_init() -> None:
-    """Import once per builder worker, outside the build timeout (the import takes 15-50 s)."""
-    import tvm.s_tir.tensor_intrin  # noqa: F401
+def register_intrinsics(target_kind: str) -> None:
+    """Import TVM's tensor intrinsics as MetaSchedule does, without the device families' ones for a
+    CPU target. A later GPU tuning in the same process still gets them (imported by name)."""
+    if target_kind != "llvm":
+        importlib.import_module(INTRINSICS)
+        for family in ("cuda", "rocm"):
+            importlib.import_module(f"{INTRINSICS}.{family}")
+        return
+    if INTRINSICS in sys.modules:
+        return
+    skipped = [f"{INTRINSICS}.{f}" for f in DEVICE_INTRINSICS if f"{INTRINSICS}.{f}" not in sys.modules]
+    for name in skipped:
+        sys.modules[name] = types.ModuleType(name)  # a placeholder, so the package's `from . import cuda` skips it
+    try:
+        package = importlib.import_module(INTRINSICS)
+    finally:
+        for name in skipped:
+            del sys.modules[name]
+    for name in skipped:
+        vars(package).pop(name.rsplit(".", 1)[1], None)
+
+
+def _builder_init(target_kind: str) -> None:
+    """Import once per builder worker, outside the build timeout (the import took 15-50 s, and 130 s
+    of CPU with every device family's intrinsics)."""
+    register_intrinsics(target_kind)
 
 
 @contextlib.contextmanager
@@ -69,6 +100,7 @@ def _tune_one(proto: Any, shapes: dict[str, list[int]], target_dict: dict[str, A
     from tvm.s_tir import meta_schedule as ms
 
     target = tvm.target.Target(target_dict)
+    register_intrinsics(target.kind.name)  # before TuneContext imports them all
     mod = import_onnx(proto, shapes, from_onnx)
     with target:
         mod = relax.get_pipeline("zero")(mod)  # tasks are the fused call_tir functions
@@ -85,7 +117,8 @@ def _tune_one(proto: Any, shapes: dict[str, list[int]], target_dict: dict[str, A
     ms.tune.tune_tasks(
         tasks=contexts, task_weights=weights, work_dir=str(db_dir), max_trials_global=trials,
         max_trials_per_task=max(1, math.ceil(trials / len(todo))), num_trials_per_iter=min(16, trials),
-        builder=ms.builder.LocalBuilder(timeout_sec=timeout_s, max_workers=1, initializer=_builder_init),
+        builder=ms.builder.LocalBuilder(timeout_sec=timeout_s, max_workers=1,
+                                         initializer=functools.partial(_builder_init, target.kind.name)),
         runner=ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(
             number=3, repeat=1, min_repeat_ms=0)),
         database=db,
