@@ -7,6 +7,7 @@ an install that could not reach an index); an anchor never ends the bench.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OLIVE_VENV = ROOT / "bench" / ".venv-olive"
 # Olive's own environment: pinned, apart from mlopt's (olive-ai pulls transformers, optuna, torch); torch
 # first, so pip takes the CPU build from the local wheels instead of a CUDA one
-OLIVE_PINS = (["torch==2.13.0"], ["olive-ai[cpu]==0.13.0", "onnxruntime==1.32.0", "onnx==1.23.2"])
+# (olive-ai 0.13.0 imports requests for its telemetry without declaring it)
+OLIVE_PINS = (["torch==2.13.0"], ["olive-ai[cpu]==0.13.0", "onnxruntime==1.32.0", "onnx==1.23.2", "requests"])
 
 
 @dataclass
@@ -173,7 +175,8 @@ def olive_auto_opt_int8(onnx_file: Path, work: Path, threads: int, log: Callable
     cmd = [str(olive), "auto-opt", "-m", str(onnx_file), "--device", "cpu", "--provider", "CPUExecutionProvider",
            "--precision", "int8", "-o", str(out), "--log_level", "3"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+    env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"}  # the bench may run offline: nothing to send
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
     seconds = time.perf_counter() - t0
     models = sorted(out.rglob("*.onnx")) if out.is_dir() else []
     if proc.returncode != 0 or not models:

@@ -213,6 +213,8 @@ def bench_recipe(recipe_path: Path, args: argparse.Namespace) -> dict:
 
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench-"))
     comp = compile_times(recipe_path, tmp / "store", tmp / "out")
+    print(f"[{recipe_path.parent.name}] compile exit {comp.exit_code}, cold {comp.cold_s} s, cached {comp.cached_s} s "
+          f"in {tmp}", flush=True)
     res: dict[str, Any] = {"compile": comp.__dict__, "contenders": {}, "batches": []}
     manifest_file = tmp / "out" / "manifest.json"
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
