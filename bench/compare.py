@@ -158,11 +158,18 @@ def score_all(run: Any, found: list[A.Anchor]) -> tuple[float | None, dict[str, 
     return score(ev, ref, run.evaluation.labels, ref), figures
 
 
+def warm_up(found: list[A.Anchor], feed: dict) -> None:
+    """Three calls each; a contender that fails on the benchmark feed drops to not-run with its reason."""
+    for a in found:
+        try:
+            for _ in range(3 if a.runner is not None else 0):
+                a.runner(feed)
+        except Exception as e:  # e.g. a build with a fixed batch, fed another
+            a.runner, a.reason = None, f"failed on the benchmark feed: {A.first_line(e)}"
+
+
 def interleaved(runs: dict, feed: dict, rounds: int, block: int) -> dict[str, float]:
-    """Median latency (ms) per contender, timed in interleaved blocks."""
-    for r in runs.values():  # warm-up
-        for _ in range(3):
-            r(feed)
+    """Median latency (ms) per contender, timed in interleaved blocks (after ``warm_up``)."""
     samples: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for name, r in runs.items():
@@ -226,9 +233,12 @@ def bench_recipe(recipe_path: Path, args: argparse.Namespace) -> dict:
     found = anchor_list(recipe, onnx_file, tmp, args) + (mlopt_builds(manifest, tmp / "store") if manifest else [])
     run = Run(recipe, Store(tmp / "store"), lambda _: None, inputs=model_inputs(recipe, onnx_file))
     res["reference"], figures = score_all(run, found)
-    live = {a.name: a.runner for a in found if a.runner is not None}
     res["batches"] = [str(b) for b in run.batch_sizes]
-    timings = {b: interleaved(live, run.sample_feed(int(b)), args.rounds, args.block) for b in res["batches"]}
+    feeds = {b: run.sample_feed(int(b)) for b in res["batches"]}
+    for feed in feeds.values():
+        warm_up(found, feed)
+    live = {a.name: a.runner for a in found if a.runner is not None}
+    timings = {b: interleaved(live, feeds[b], args.rounds, args.block) for b in res["batches"]}
     for a in found:
         row = {"accuracy": figures.get(a.name), "build_s": a.build_s, "reason": a.reason, **a.details}
         row["ms"] = {b: timings[b][a.name] for b in res["batches"]} if a.name in live else None
@@ -246,6 +256,20 @@ def model_inputs(recipe: Any, onnx_file: Path) -> tuple:
     return tuple(recipe.model.inputs) or tuple(ingest.read_onnx(onnx_file, [], "m").inputs)
 
 
+# the vector extensions that decide int8 and fp32 speed on x86 (VNNI, AMX) and Arm (dot product, i8mm)
+KEY_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def host_cpu() -> dict:
+    """The CPU model, its key vector flags and its core count (the figures depend on all three)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in info.splitlines()  # noqa: E731
+                              if ln.startswith(key)), "")
+    flags = set((field("flags") or field("Features")).split())
+    return {"model": field("model name") or "unknown", "flags": [f for f in KEY_FLAGS if f in flags],
+            "cores": os.cpu_count()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", default="digits,efficientnet,minilm")
@@ -261,11 +285,14 @@ def main() -> None:
     args = ap.parse_args()
     recipes = [Path(r).resolve() for r in args.recipes.split(",") if r] or \
         [ROOT / "examples" / ex / "recipe.yaml" for ex in args.examples.split(",")]
-    results = {"help_s": help_time(), "threads": THREADS, "load_before": os.getloadavg(), "recipes": {}}
-    print(f"mlopt --help: {results['help_s']:.3f} s (median of 5); load average {os.getloadavg()[0]:.1f}")
+    results = {"help_s": help_time(), "threads": THREADS, "cpu": host_cpu(), "recipes": {}}
+    print(f"mlopt --help: {results['help_s']:.3f} s (median of 5); {results['cpu']['model']}, "
+          f"{' '.join(results['cpu']['flags'])}")
     for recipe in recipes:
         name = f"{recipe.parent.name}/{recipe.name}"
+        load = os.getloadavg()
         results["recipes"][name] = res = bench_recipe(recipe, args)
+        res["load_before"] = load
         res["load_after"] = os.getloadavg()
         _print(name, res)
         Path(args.results).write_text(json.dumps(results, indent=2))
@@ -277,7 +304,8 @@ def main() -> None:
 def _print(name: str, res: dict) -> None:
     c = res["compile"]
     print(f"\n## {name}: mlopt compile cold {c['cold_s']:.1f} s, cached {c['cached_s']:.2f} s, "
-          f"search {_num(res.get('search_s'), '.1f', ' s')}")
+          f"search {_num(res.get('search_s'), '.1f', ' s')}; load average {res['load_before'][0]:.1f} "
+          f"before, {res['load_after'][0]:.1f} after")
     if c["exit_code"]:
         print(f"mlopt compile exited {c['exit_code']}: {c['reason']}")
     if not res["contenders"]:
