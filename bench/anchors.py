@@ -193,7 +193,8 @@ def ensure_olive(log: Callable[[str], None]) -> Path | str:
         return exe
     log(f"installing olive-ai into {OLIVE_VENV} (once)")
     steps = [[sys.executable, "-m", "venv", "--clear", str(OLIVE_VENV)]] + \
-        [[str(OLIVE_VENV / "bin" / "python"), "-m", "pip", "install", "-q", *pins] for pins in OLIVE_PINS]
+        [[str(OLIVE_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--retries", "2", "--timeout", "30", *pins]
+         for pins in OLIVE_PINS]  # offline, pip gives up in about a minute instead of retrying for many
     for cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
