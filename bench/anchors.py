@@ -198,7 +198,7 @@ def ensure_olive(log: Callable[[str], None]) -> Path | str:
     for cmd in steps:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            return f"could not install olive-ai ({' '.join(cmd[-3:])} exited {proc.returncode}: " \
+            return f"could not install olive-ai ({cmd[-1]} step exited {proc.returncode}: " \
                    f"{_last_line(proc.stderr)})"
     return exe if exe.is_file() else f"olive-ai installed but {exe} is missing"
 
