@@ -13,7 +13,7 @@ from conftest import HOST, digits_recipe
 from mlopt.compiler import ingest
 from mlopt.compiler.data import Batches
 from mlopt.core.model import Model
-from mlopt.passes import PassContext, get_pass
+from mlopt.passes import Figures, PassContext, get_pass
 from mlopt.passes.quantize import QuantizePass
 
 pytest.importorskip("nncf")
@@ -156,7 +156,10 @@ def test_search_lists_nncf_ptq_as_a_candidate(tmp_path: Path, digits) -> None:
     def latency(p: Path) -> float:  # a deterministic stand-in for the timer: int8 is faster
         return 2.0 - 0.1 * _ops(p)["QuantizeLinear"]
 
-    ctx = _ctx(tmp_path, x, y, reference=evaluate(model.onnx_path), max_drop=0.1, latency=latency)
+    def judge(p: Path) -> Figures:  # one backend judging with the real metric and the stand-in timer
+        return Figures(accuracy=evaluate(p), latency_ms=latency(p))
+
+    ctx = _ctx(tmp_path, x, y, reference=evaluate(model.onnx_path), max_drop=0.1, judges={"onnxruntime": judge})
     cfg = QuantizePass(kind="quantize", mode="int8-static", search=True, calibration_batches=4,
                        search_space={"per_channel": [True], "calibration": ["minmax"], "keep_float": [0],
                                      "precisions": ["nncf-ptq"]})

@@ -61,6 +61,11 @@ PASS_TOLERANCES: dict[str, Tolerance] = {
 # guards against broken code (wrong layout, missing op), scaled to the outputs; accuracy is judged by
 # the evaluation data and the budget, not here.
 REDUCED_PRECISION_ATOL = {"int8": 0.05, "float16": 0.01, "bfloat16": 0.02}  # x max |reference output|
+# relative L2 error a reduced-precision build may show overall: int8 kernels (ONNX Runtime's QLinear fusions,
+# OpenVINO's u8/i8 layers) round differently from the reference's float QDQ graph at every layer, and it
+# accumulates through depth (NNCF int8 MiniLM, six layers: 0.051 on ONNX Runtime, 0.063 on OpenVINO, with
+# its Spearman above the fp32 model's); broken code is off by the order of the output (relative L2 ~1)
+REDUCED_PRECISION_REL_L2 = {"int8": 0.10, "float16": 0.01, "bfloat16": 0.02}
 OUTLIER = 4.0  # the largest single-element difference a reduced-precision build may show, in atols
 
 
@@ -74,10 +79,11 @@ def tolerance(backend: str, precision: str, quantized: bool, ref: dict[str, np.n
     if not kinds:
         return base
     frac = max(REDUCED_PRECISION_ATOL[k] for k in kinds)
+    rel = max(REDUCED_PRECISION_REL_L2[k] for k in kinds)
     scale = max(float(np.max(np.abs(v))) for v in ref.values())
-    return Tolerance(atol=max(base.atol, frac * scale), rtol=base.rtol, rel_l2=frac,
+    return Tolerance(atol=max(base.atol, frac * scale), rtol=base.rtol, rel_l2=rel,
                      why=f"{'/'.join(kinds)} build: atol {frac:g} x max|reference| ({scale:.3g}), or relative "
-                         f"L2 error at most {frac:g} with no element beyond {OUTLIER:g} x atol")
+                         f"L2 error at most {rel:g} with no element beyond {OUTLIER:g} x atol")
 
 
 def check_close(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float, rtol: float, where: str,
