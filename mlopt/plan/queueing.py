@@ -139,6 +139,11 @@ def replica_capacity(curve: Curve, sla_s: float, ca2: float, overhead_s: float =
     return capacity_at(curve, rule.max_batch, rule.queue_delay_s, sla_s, ca2, overhead_s)
 
 
+# the rate search: each pass evaluates the p99 model on a grid of RATE_GRID rates at once (vectorised, as
+# ``_p99`` is over its rates) and narrows to one step; four passes resolve the capacity to 1 part in 1.7e7
+RATE_GRID, RATE_PASSES = 64, 4
+
+
 def capacity_at(curve: Curve, batch: int, delay_s: float, sla_s: float, ca2: float,
                 overhead_s: float = 0.0) -> Capacity | None:
     """The highest rate one replica with this ``batch`` and ``delay_s`` serves with p99 within
@@ -149,9 +154,12 @@ def capacity_at(curve: Curve, batch: int, delay_s: float, sla_s: float, ca2: flo
     lo, hi = 0.0, float(batch / curve.service(batch)[0])
     if overhead_s > 0:
         hi = min(hi, 1.0 / overhead_s)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _p99(curve, batch, delay_s, overhead_s, np.array(mid), ca2) <= sla_s else (lo, mid)
+    for _ in range(RATE_PASSES):  # p99 grows with the rate: keep the grid step where it crosses the SLA
+        grid = np.linspace(lo, hi, RATE_GRID + 1)[1:]
+        ok = _p99(curve, batch, delay_s, overhead_s, grid, ca2) <= sla_s
+        first_miss = int(np.argmin(ok)) if not ok.all() else len(grid)
+        lo, hi = (grid[first_miss - 1] if first_miss > 0 else lo), (grid[first_miss] if first_miss < len(grid) else hi)
+    lo = float(lo)
     return Capacity(lo, batch, delay_s, float(_p99(curve, batch, delay_s, overhead_s, np.array(lo), ca2)))
 
 

@@ -143,7 +143,7 @@ def _response(req: v2.Request, outputs: dict[str, Any], m: ServedModel) -> Any:
 
     resp = service_pb2.ModelInferResponse(model_name=m.name, model_version=m.version, id=req.id)
     for name in req.outputs:
-        arr = np.ascontiguousarray(outputs[name])
+        arr = np.require(outputs[name], requirements="C")
         resp.outputs.add(name=name, datatype=v2.DTYPE_V2[str(arr.dtype)], shape=list(arr.shape))
         resp.raw_output_contents.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
     return resp

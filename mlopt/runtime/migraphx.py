@@ -61,7 +61,7 @@ class MIGraphXEngine:
             batch = batch_of(plan, feed)
             if batch not in progs:
                 raise EngineError(f"no MIGraphX program for batch {batch}; the plan compiled {sorted(progs)}")
-            args = {n: self.mgx.argument(np.ascontiguousarray(feed[n], dtype=t)) for n, t in dtypes.items()}
+            args = {n: self.mgx.argument(np.require(feed[n], dtype=t, requirements="C")) for n, t in dtypes.items()}
             outs = progs[batch].run(args)
             return {n: np.array(o) for n, o in zip(plan["outputs"], outs)}
 

@@ -57,7 +57,7 @@ def _runner(compiled: Any, inputs: list[str], outputs: list[str]) -> Runner:
     request = compiled.create_infer_request()
 
     def run(feed: dict[str, Any]) -> dict[str, Any]:
-        arrays = {n: np.ascontiguousarray(feed[n]) for n in inputs}
+        arrays = {n: np.require(feed[n], requirements="C") for n in inputs}  # 0-d stays 0-d
         res = request.infer(arrays, share_inputs=True, share_outputs=False)  # outputs copied: buffers are reused
         return {n: res[p] for n, p in ports.items()}
 

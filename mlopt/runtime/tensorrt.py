@@ -126,7 +126,7 @@ class TensorRTRunner:
         return outs
 
     def _put(self, name: str, value: np.ndarray) -> np.ndarray:
-        arr = np.ascontiguousarray(value, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
+        arr = np.require(value, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)), requirements="C")
         if not self.context.set_input_shape(name, tuple(arr.shape)):
             raise EngineError(f"input {name!r} of shape {tuple(arr.shape)} is outside the engine's profile "
                               f"(min, opt, max: {self.engine.get_tensor_profile_shape(name, 0)})")

@@ -247,7 +247,7 @@ def encode(req: Request, outputs: Mapping[str, np.ndarray], model: str, version:
     protocol's JSON cannot carry it (the client reads it with ``as_numpy`` either way)."""
     tensors, blobs = [], []
     for name in req.outputs:
-        arr = np.ascontiguousarray(outputs[name])
+        arr = np.require(outputs[name], requirements="C")
         t = {"name": name, "datatype": _NP_V2.get(arr.dtype) or str(arr.dtype).upper(), "shape": list(arr.shape)}
         as_binary = name in req.binary or (arr.dtype.kind == "f" and not np.isfinite(arr).all())
         if as_binary:
