@@ -95,7 +95,10 @@ class TVMBackend(Backend):
         elif req.tuning_trials > 0:
             from mlopt.targets.tvm_tune import tune_static
 
-            tuned, details["tuning"] = tune_static(proto, req, target_dict, out, self._compile)
+            # tuned on the graph the static build compiles: shapes fixed and folded, If/LSTM rewritten (TVM's
+            # frontend imports that where the original graph with shapes fails, e.g. YOLOv8's shape chains)
+            tuned, details["tuning"] = tune_static(proto, req, target_dict, out, self._compile,
+                                                   static_graph=lambda b: _static_proto(req, b))
         entry = {
             "library": library, "function": "main", "tuned": tuned, "static": static,
             "inputs": [i.name for i in req.model.inputs], "outputs": list(req.model.outputs),
@@ -186,6 +189,12 @@ def onnx_load(path: Path) -> Any:
     import onnx
 
     return onnx.load(str(path))
+
+
+def _static_proto(req: BuildRequest, batch: int) -> Any:
+    with tempfile.TemporaryDirectory(prefix="mlopt-tvm-tune-") as tmp:
+        path, _ = _static_for_tvm(req, batch, Path(tmp) / f"b{batch}.onnx")
+        return onnx_load(path)
 
 
 def _static_for_tvm(req: BuildRequest, batch: int, dest: Path) -> tuple[Path, set[str]]:

@@ -70,8 +70,11 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def tune_static(proto: Any, req: BuildRequest, target_dict: dict[str, Any], out: Path,
-                compile_fn: Callable[..., None]) -> tuple[dict[str, str], dict[str, Any]]:
-    """Tune and compile one static library per benchmark batch size; return ({batch: file}, report)."""
+                compile_fn: Callable[..., None],
+                static_graph: Callable[[int], Any] | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """Tune and compile one static library per benchmark batch size; return ({batch: file}, report).
+    ``static_graph(b)``, where given, is the model with every shape fixed for batch ``b`` (folded and
+    rewritten as the untuned static build has it), tuned and compiled instead of ``proto`` with shapes."""
     from tvm.s_tir import meta_schedule as ms
 
     # CPU targets tune for the serving thread count; GPU targets take their limits from the arch
@@ -84,15 +87,17 @@ def tune_static(proto: Any, req: BuildRequest, target_dict: dict[str, Any], out:
         db = ms.database.JSONDatabase(work_dir=str(db_dir))
         for b in sizes:
             shapes = {i.name: list(i.concrete({**req.dims, req.batch_axis: b})) for i in req.model.inputs}
-            entry = _tune_one(proto, shapes, target, db, db_dir, per_size, req.tuning_timeout_s)
+            graph = proto if static_graph is None else static_graph(b)
+            fixed = shapes if static_graph is None else None
+            entry = _tune_one(graph, fixed, target, db, db_dir, per_size, req.tuning_timeout_s)
             name = f"model_b{b}.so"
-            compile_fn(proto, shapes, target, out / name, req, database=db)
+            compile_fn(graph, fixed, target, out / name, req, database=db)
             tuned_files[str(b)] = name
             report["batches"].append({"batch_size": b, **entry})
     return tuned_files, report
 
 
-def _tune_one(proto: Any, shapes: dict[str, list[int]], target_dict: dict[str, Any], db: Any, db_dir: Path,
+def _tune_one(proto: Any, shapes: dict[str, list[int]] | None, target_dict: dict[str, Any], db: Any, db_dir: Path,
               trials: int, timeout_s: int) -> dict[str, Any]:
     import tvm
     from tvm import relax
