@@ -21,7 +21,7 @@ from mlopt.core.errors import BadInput, MloptError
 from mlopt.core.files import write_json
 from mlopt.core.spec import InputSpec, Record
 
-MANIFEST_SCHEMA_VERSION = "1.5"
+MANIFEST_SCHEMA_VERSION = "1.6"
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "manifest.schema.json"
 
 
@@ -174,6 +174,12 @@ class PassReport(Record):
     size_after: int
     accuracy_before: float | None = None
     accuracy_after: float | None = None
+    judged_on: str | None = Field(None, description="1.6: the CPU backend this pass's accuracy and latency figures "
+                                  "were measured on (passes that change outputs).")
+    latency_ms_before: float | None = Field(
+        None, description="1.6: ms, the pass's input model on judged_on: geometric mean over the plan's batch sizes "
+        "of a quick median (7 runs); a figure to compare the steps of one build, not a benchmark.")
+    latency_ms_after: float | None = Field(None, description="1.6: ms, the pass's output, measured as latency_ms_before.")
     cached: bool = False
     details: dict[str, Any] = Field(default_factory=dict)
 
@@ -295,7 +301,7 @@ class MatrixReport(Record):
 
 
 class Manifest(Record):
-    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5"] = MANIFEST_SCHEMA_VERSION
+    schema_version: Literal["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6"] = MANIFEST_SCHEMA_VERSION
     mlopt_version: str
     created: str
     recipe: RecipeRef

@@ -131,7 +131,7 @@ def test_compile_records_the_interleaved_choice_and_replays_it(tmp_path: Path, m
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "out" / "manifest.json").read_text())
     jsonschema.validate(data, json.loads(SCHEMA_FILE.read_text()))
-    assert data["schema_version"] == "1.5"
+    assert data["schema_version"] == "1.6"
     entry = data["entries"][0]
     choice = entry["choice"]
     assert choice["method"] == "interleaved" and choice["reason"] == "forced by the test"

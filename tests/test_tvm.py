@@ -72,6 +72,10 @@ def test_tuning_records_are_reused_by_workload(tmp_path: Path) -> None:
     assert first.exit_code == 0, first.output
     tuning = _candidate(json.loads(first.stdout), HOST, "tvm")["details"]["tuning"]["batches"][0]
     assert tuning["tasks"] >= 1 and tuning["tuned_now"] == tuning["tasks"] and tuning["trials_ok"] >= 1
+    # the tuned library was timed against the untuned one here, and the verdict recorded
+    paid = _candidate(json.loads(first.stdout), HOST, "tvm")["details"]["tuning"]["paid"]
+    assert [r["batch_size"] for r in paid] == [2] and paid[0]["shipped"] in ("tuned", "untuned")
+    assert paid[0]["tuned_ms"] > 0 and paid[0]["untuned_ms"] > 0
     # other weights: a new model and artifact, the same workloads -> nothing left to tune
     other = tiny_onnx(tmp_path / "other.onnx", seed=1)
     second = runner.invoke(app, ["compile", str(other), "--out", str(tmp_path / "o2"), *args])

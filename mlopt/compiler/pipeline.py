@@ -281,13 +281,14 @@ def reference_of(run: Run, model: Model) -> Reference:
     return stored_reference(folder, meta)
 
 
-def _pass_context(run: Run, work: Path, reference: Reference) -> PassContext:
-    """What passes may use: data, a judge per CPU backend for candidates, an exporter for modules."""
+def _pass_context(run: Run, work: Path, reference: Reference, original: Callable[[], Any] | None) -> PassContext:
+    """What passes may use: data, a judge per CPU backend for candidates, an exporter for modules, and the
+    module as ingested (``original``: a teacher for a distillation after pruning)."""
     src = run.recipe.model
     has_eval = reference.accuracy is not None
 
-    def export(module: Any, out: Path) -> Model:
-        return ingest.export_torch(src, module, out, run.recipe.model_name, run.sample_feed(2))
+    def export(module: Any, out: Path, atol: float | None = None, torchscript: bool = False) -> Model:
+        return ingest.export_torch(src, module, out, run.recipe.model_name, run.sample_feed(2), atol, torchscript)
 
     return PassContext(
         workdir=work,
@@ -300,6 +301,7 @@ def _pass_context(run: Run, work: Path, reference: Reference) -> PassContext:
         max_drop=run.recipe.accuracy.max_drop,
         log=run.log,
         export=export if src.kind != "onnx" else None,
+        original=original,
     )
 
 
@@ -307,17 +309,34 @@ def _pass_context(run: Run, work: Path, reference: Reference) -> PassContext:
 
 
 def _passes(run: Run, model: Model, reference: Reference) -> tuple[Model, list[PassReport]]:
-    reports = []
+    reports, original = [], model.module_fn
     for step in run.recipe.passes:
         name = step.name or step.kind
         with run.stage(f"pass {name}"):
-            model, report = _run_pass(run, model, step, name, reference)
+            model, report = _run_pass(run, model, step, name, reference, original)
         reports.append(PassReport.model_validate(report))
         run.log(f"[pass] {name}: {report['status']} ({report['seconds']:.2f}s)")
+    for line in step_table(reports):
+        run.log(line)
     return model, reports
 
 
-def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference) -> tuple[Model, dict[str, Any]]:
+def step_table(reports: list[PassReport]) -> list[str]:
+    """Every pass that changes outputs, in order: its accuracy and quick latency on the backend it was judged
+    on, beside its input's, so a chain (prune -> distill -> quantize) shows what each step bought."""
+    rows = [r for r in reports if r.latency_ms_after is not None]
+    if not rows:
+        return []
+    out = ["[passes] step             status    accuracy   ms before -> after   speedup   judged on"]
+    for r in rows:
+        assert r.latency_ms_before is not None and r.latency_ms_after is not None
+        out.append(f"[passes] {r.name[:16]:<16} {r.status:<9} {r.accuracy_after:>8.4f}   {r.latency_ms_before:>9.3f} -> "
+                   f"{r.latency_ms_after:<8.3f} {r.latency_ms_before / max(r.latency_ms_after, 1e-9):>6.2f}x   {r.judged_on}")
+    return out
+
+
+def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference,
+              original: Callable[[], Any] | None) -> tuple[Model, dict[str, Any]]:
     budget = run.recipe.accuracy
     key = key_of({"model": model.digest, "step": step.model_dump(mode="json"), "budget": budget.model_dump(),
                   "calibration": run.data_key("calibration"), "evaluation": run.data_key("evaluation"),
@@ -326,7 +345,7 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference
 
     def produce(work: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
-        new, details = get_pass(step.kind)(model, step, _pass_context(run, work, reference))
+        new, details = get_pass(step.kind)(model, step, _pass_context(run, work, reference, original))
         produced["module_fn"] = new.module_fn
         report = {"name": name, "kind": step.kind, "status": "applied", "size_before": model.size_bytes,
                   "size_after": new.size_bytes, "details": details}
@@ -342,21 +361,22 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference
     report = {**meta["report"], "cached": hit}
     if report["status"] != "applied":
         return model, report
-    module_fn = produced.get("module_fn") if not hit else _recompute(run, model, step, reference)
+    module_fn = produced.get("module_fn") if not hit else _recompute(run, model, step, reference, original)
     return model.derive(folder / meta["file"], module_fn=module_fn), report
 
 
-def _recompute(run: Run, model: Model, step: Any, reference: Reference) -> Callable[[], Any] | None:
+def _recompute(run: Run, model: Model, step: Any, reference: Reference,
+               original: Callable[[], Any] | None) -> Callable[[], Any] | None:
     """A cached pass's module, rebuilt on demand (only a later training pass that missed the cache asks)."""
     spec = get_pass(step.kind)
     if spec.keeps_module and not spec.trains_module:  # the module still describes the result
         return model.module_fn
-    if not spec.trains_module:
+    if not spec.keeps_module:
         return None
 
     def rebuild() -> Any:
         with run.store.staging() as tmp:
-            new, _ = spec(model, step, _pass_context(run, tmp, reference))
+            new, _ = spec(model, step, _pass_context(run, tmp, reference, original))
             return new.module_fn()
 
     return rebuild
@@ -371,11 +391,13 @@ def _gate(run: Run, old: Model, new: Model, step: Any, reference: Reference, bac
     if reference.accuracy is None:
         raise BadInput(f"pass {step.kind} changes outputs, so the recipe needs data.evaluation to judge it")
     ref = reference.accuracy.value
-    after = _judged_accuracy(run, new, step, reference, backend)
+    after, fast_after = _judged(run, new, step, reference, backend)
     drop = ref - after
-    out = {"accuracy_before": ref, "accuracy_after": after}
+    fast_before = judges.quick_latency(run, judges.judged_runner(backend, old.onnx_path, run.recipe.benchmark.threads))
+    out = {"accuracy_before": ref, "accuracy_after": after, "judged_on": backend,
+           "latency_ms_before": round(fast_before, 4), "latency_ms_after": round(fast_after, 4)}
     if drop <= run.recipe.accuracy.max_drop:
-        return out
+        return {**out, **_speed_gate(run, step, fast_before, fast_after, backend)}
     policy = step.on_violation or run.recipe.accuracy.on_violation
     msg = (f"pass {step.kind} drops {reference.accuracy.metric} from {ref:.4f} to {after:.4f} "
            f"(drop {drop:.4f} > budget {run.recipe.accuracy.max_drop})")
@@ -385,12 +407,25 @@ def _gate(run: Run, old: Model, new: Model, step: Any, reference: Reference, bac
     return {**out, "status": "skipped", "skip_reason": msg}
 
 
-def _judged_accuracy(run: Run, new: Model, step: Any, reference: Reference, backend: str) -> float:
-    """The pass's model judged as deployed: on ``backend`` (ONNX Runtime unless a search chose another) with
-    all its optimizations (int8 fusions change numerics a little); a model ONNX Runtime has no kernels for
-    (a bf16 Gemm on the CPU provider) cannot be judged here."""
+def _speed_gate(run: Run, step: Any, before: float, after: float, backend: str) -> dict[str, Any]:
+    """With ``accuracy.min_speedup``, a pass inside the budget that does not make the model that much faster
+    is skipped (whatever on_violation says: a pass that does not pay is not an error)."""
+    need = run.recipe.accuracy.min_speedup
+    if need is None or before >= need * after:
+        return {}
+    msg = (f"pass {step.kind} keeps accuracy but does not pay: {before:.3f} -> {after:.3f} ms on {backend} "
+           f"({before / after:.2f}x, accuracy.min_speedup {need})")
+    run.log(f"[pass] {msg}; skipped")
+    return {"status": "skipped", "skip_reason": msg}
+
+
+def _judged(run: Run, new: Model, step: Any, reference: Reference, backend: str) -> tuple[float, float]:
+    """The pass's model judged as deployed: its metric and quick latency on ``backend`` (ONNX Runtime unless a
+    search chose another) with all its optimizations (int8 fusions change numerics a little); a model ONNX
+    Runtime has no kernels for (a bf16 Gemm on the CPU provider) cannot be judged here."""
     try:
-        return evaluate(run, judges.judged_runner(backend, new.onnx_path, run.recipe.benchmark.threads), reference)
+        runner = judges.judged_runner(backend, new.onnx_path, run.recipe.benchmark.threads)
+        return evaluate(run, runner, reference), judges.quick_latency(run, runner)
     except ort_not_implemented() as e:
         raise BackendUnavailable(
             f"pass {step.kind} made a model ONNX Runtime's CPU provider cannot run here "

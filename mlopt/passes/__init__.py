@@ -44,7 +44,10 @@ class PassContext:
     reference: float | None = None  # the original model's metric
     max_drop: float = 0.0
     log: Callable[[str], None] = field(default=lambda _: None)
-    export: Callable[[Any, Path], Model] | None = None  # nn.Module -> ONNX Model, checked like ingest
+    # nn.Module -> ONNX Model, checked against the module like ingest (export(module, path, atol=None,
+    # torchscript=False); torchscript: the exporter that writes fake_quantize ops as QDQ)
+    export: Callable[..., Model] | None = None
+    original: Callable[[], Any] | None = None  # the PyTorch module as ingested (None for an ONNX source)
 
 
 PassFn = Callable[[Model, Any, PassContext], tuple[Model, dict[str, Any]]]
@@ -60,7 +63,7 @@ class PassSpec:
     changes_outputs: bool  # judged by the accuracy budget (True) or checked numerically against the input (False)
     trains_module: bool  # trains the PyTorch module: needs a PyTorch source, and the module must still be there
     summary: str
-    onnx_only: bool = False  # keeps outputs, but in a form (contrib operators) no export of the module reproduces
+    onnx_only: bool = False  # its result exists only as ONNX (contrib operators, QDQ): no export of a module reproduces it
 
     @property
     def keeps_module(self) -> bool:
@@ -68,9 +71,10 @@ class PassSpec:
 
         A pass that trains the module returns the trained one; a pass that keeps outputs (graph
         clean-up) leaves it valid; a pass that changes outputs without training it (quantization)
-        leaves only ONNX, and so does one whose result is ONNX only (fused contrib operators).
+        leaves only ONNX, and so does one whose result is ONNX only (fused contrib operators, or the QDQ
+        model quantization-aware training exports: it trains a module, but not one a later pass could use).
         """
-        return self.trains_module or not (self.changes_outputs or self.onnx_only)
+        return not self.onnx_only and (self.trains_module or not self.changes_outputs)
 
     def __call__(self, model: Model, cfg: Any, ctx: PassContext) -> tuple[Model, dict[str, Any]]:
         return self.fn(model, cfg, ctx)
@@ -124,4 +128,4 @@ def save_onnx(proto: Any, out: Path) -> Path:
 
 
 # The passes, registered on import, in the order the recipe schema lists them: a new pass adds its module here.
-from mlopt.passes import graph, quantize, prune, distill, fuse  # noqa: E402,F401,I001
+from mlopt.passes import graph, quantize, prune, distill, fuse, qat  # noqa: E402,F401,I001

@@ -128,6 +128,10 @@ class AccuracyBudget(Strict):
     on_violation: Literal["fail", "skip"] = Field(
         "fail", description="What a pass that breaks the budget does: fail the build (exit 3) or be skipped."
     )
+    min_speedup: float | None = Field(
+        None, ge=1.0, description="A pass that changes outputs must make the model at least this much faster "
+        "than its input on the backend it is judged on (quick medians), or it is skipped: compression that "
+        "keeps accuracy but does not pay is not shipped. None: passes are judged on accuracy only.")
 
 
 # The pass steps: one config model per registered pass (``mlopt.passes``), told apart by ``kind``.

@@ -93,12 +93,14 @@ class TVMBackend(Backend):
         if req.tuning_trials > 0 and kind in GPU_KINDS and not req.device_present:
             details["tuning"] = {"status": "skipped", "reason": "GPU tuning measures on the device; none is here"}
         elif req.tuning_trials > 0:
-            from mlopt.targets.tvm_tune import tune_static
+            from mlopt.targets.tvm_tune import keep_paying, tune_static
 
             # tuned on the graph the static build compiles: shapes fixed and folded, If/LSTM rewritten (TVM's
             # frontend imports that where the original graph with shapes fails, e.g. YOLOv8's shape chains)
             tuned, details["tuning"] = tune_static(proto, req, target_dict, out, self._compile,
                                                    static_graph=lambda b: _static_proto(req, b))
+            if kind not in GPU_KINDS:  # ships a tuned library only where it is faster than the untuned one
+                tuned = keep_paying(out, tuned, lambda b: static.get(b, library), req, details["tuning"])
         entry = {
             "library": library, "function": "main", "tuned": tuned, "static": static,
             "inputs": [i.name for i in req.model.inputs], "outputs": list(req.model.outputs),

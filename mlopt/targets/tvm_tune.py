@@ -147,3 +147,58 @@ def _counts(db: Any) -> tuple[int, int]:
     recs = db.get_all_tuning_records()
     ok = sum(1 for r in recs if r.run_secs and all(float(s) < FAILED_RUN for s in r.run_secs))
     return ok, len(recs) - ok
+
+
+PAY_ROUNDS = 7  # interleaved timings of each (tuned, untuned) pair
+
+
+def keep_paying(out: Path, tuned: dict[str, str], untuned: Callable[[str], str], req: BuildRequest,
+                report: dict[str, Any]) -> dict[str, str]:
+    """The tuned libraries that beat the untuned ones, timed here in interleaved rounds; the others are deleted.
+
+    A few trials per task can pick schedules slower than the untuned build's: MetaSchedule compares its own
+    candidates, never the untuned lowering. Each batch's verdict goes into ``report["paid"]``."""
+    import statistics
+
+    import numpy as np
+    import tvm
+
+    from mlopt.runtime.tvm import vm
+
+    dev = tvm.cpu()
+    tvm.get_global_func("runtime.config_threadpool")(1, req.threads)
+    kept, rows = {}, []
+    for b, lib in tuned.items():
+        libs = {"tuned": lib, "untuned": untuned(b)}
+        machines = {k: vm(out, f, dev) for k, f in libs.items()}
+        args = [tvm.runtime.tensor(np.require(v, requirements="C"), dev) for v in _feed(req, int(b))]
+        times: dict[str, list[float]] = {k: [] for k in machines}
+        for k in machines:
+            machines[k]["main"](*args)  # warm-up
+        for _ in range(PAY_ROUNDS):
+            for k, m in machines.items():
+                t0 = time.perf_counter()
+                m["main"](*args)
+                times[k].append(time.perf_counter() - t0)
+        t_ms, u_ms = (statistics.median(times[k]) * 1e3 for k in ("tuned", "untuned"))
+        ship = "tuned" if t_ms < u_ms else "untuned"
+        rows.append({"batch_size": int(b), "tuned_ms": round(t_ms, 4), "untuned_ms": round(u_ms, 4), "shipped": ship})
+        if ship == "tuned":
+            kept[b] = lib
+        else:
+            (out / lib).unlink()
+    report["paid"] = rows
+    return kept
+
+
+def _feed(req: BuildRequest, batch: int) -> list[Any]:
+    """Inputs of the signature's shapes at ``batch``: normal floats, ones for integers (valid indices, nonzero)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in req.model.inputs:
+        shape = i.concrete({**req.dims, req.batch_axis: batch})
+        dtype = np.dtype(i.dtype)
+        out.append(rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.ones(shape, dtype))
+    return out
