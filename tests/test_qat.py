@@ -118,6 +118,13 @@ def test_qat_trains_through_the_rounding_and_exports_int8_qdq(tmp_path: Path) ->
     assert details["loss_last"] < details["loss_first"] and details["train_seconds"] > 0
     assert details["judged_on"] == "onnxruntime" and "onnxruntime" in details["backends"]
     assert new.module_fn is None and new.is_quantized  # only the QDQ model describes the result
+    # weights are stored as int8 (QuantizeLinear of constants folded), activations quantized at run time
+    import onnx
+
+    proto = onnx.load(str(new.onnx_path))
+    assert details["int8_weights_stored"] == 2
+    assert sum(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer) >= 2
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") - 2
     # the int8 model keeps the teacher's accuracy on held-out digits
     assert _onnx_accuracy(new.onnx_path, x[512:], y[512:]) >= _accuracy(teacher, x[512:], y[512:]) - 0.03
 
