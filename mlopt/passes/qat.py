@@ -88,8 +88,8 @@ def qat(model: Model, cfg: QatPass, ctx: PassContext) -> tuple[Model, dict[str, 
             f"{cfg.steps} steps in {train_s:.1f}s, loss {losses[0]} -> {losses[-1]}; "
             + "; ".join(f"{b}: {f.accuracy:.4f} at {f.latency_ms:.2f} ms" for b, f in figures.items()))
     details: dict[str, Any] = {
-        **placed, "int8_weights_stored": folded, "steps": cfg.steps, "lr": cfg.lr, "match": cfg.match, "weight_bits": cfg.weight_bits,
-        "calibration": cfg.calibration, "train_seconds": round(train_s, 2), "loss_first": losses[0],
+        **placed, "int8_weights_stored": folded, "steps": cfg.steps, "lr": cfg.lr, "match": cfg.match,
+        "weight_bits": cfg.weight_bits, "calibration": cfg.calibration, "train_seconds": round(train_s, 2), "loss_first": losses[0],
         "loss_last": losses[-1], "loss_curve": losses, "teacher_output_drift": drift,
         "backends": {b: {"accuracy": f.accuracy, "latency_ms": round(f.latency_ms, 4)} for b, f in figures.items()},
     }
