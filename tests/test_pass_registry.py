@@ -31,12 +31,15 @@ PASS_FIELDS = {
     "PrunePass": ["kind", "name", "on_violation", "method", "ratio", "heads", "importance", "global_pruning",
                   "ignore", "finetune_steps", "lr"],
     "StudentFromPrune": ["from", "ratio", "importance"],
-    "DistillPass": ["kind", "name", "on_violation", "student", "temperature", "alpha", "steps", "lr"],
+    "DistillPass": ["kind", "name", "on_violation", "student", "teacher", "match", "temperature", "alpha", "steps",
+                    "lr"],
+    "QatPass": ["kind", "name", "on_violation", "steps", "lr", "match", "temperature", "calibration",
+                "calibration_batches", "float_input_channels", "weight_bits"],
 }
 REQUIRED = {"GraphOptimizePass": ["kind"], "QuantizePass": ["kind"], "PrunePass": ["kind"],
-            "StudentFromPrune": ["from"], "DistillPass": ["kind", "student"]}
+            "StudentFromPrune": ["from"], "DistillPass": ["kind", "student"], "QatPass": ["kind"]}
 KINDS = {"graph-optimize": "GraphOptimizePass", "quantize": "QuantizePass", "prune": "PrunePass",
-         "distill": "DistillPass", "fuse-transformer": "FuseTransformerPass"}
+         "distill": "DistillPass", "fuse-transformer": "FuseTransformerPass", "qat": "QatPass"}
 
 
 def _schema() -> dict:
@@ -51,8 +54,9 @@ def _schema() -> dict:
 def test_each_pass_describes_itself() -> None:
     assert {k: (s.changes_outputs, s.trains_module) for k, s in PASSES.items()} == {
         "graph-optimize": (False, False), "quantize": (True, False), "prune": (True, True), "distill": (True, True),
-        "fuse-transformer": (False, False)}
-    assert [k for k, s in PASSES.items() if not s.keeps_module] == ["quantize", "fuse-transformer"]
+        "fuse-transformer": (False, False), "qat": (True, True)}
+    # qat trains a module, but leaves only its QDQ export: no later pass can train on it
+    assert [k for k, s in PASSES.items() if not s.keeps_module] == ["quantize", "fuse-transformer", "qat"]
     for kind, spec in PASSES.items():
         assert spec.kind == kind and spec.config.__name__ == KINDS[kind]
         assert spec.summary and "\n" not in spec.summary
