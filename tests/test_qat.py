@@ -1,9 +1,8 @@
-"""Quantization-aware fine-tuning, the distillation chain, the speed gate, and tuning that must pay."""
+"""Quantization-aware fine-tuning, the distillation chain, and the speed gate."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -228,37 +227,3 @@ def test_without_min_speedup_the_same_pass_ships(tmp_path: Path) -> None:
 def test_min_speedup_below_one_is_refused() -> None:
     with pytest.raises(RecipeError, match="min_speedup"):
         recipe_from_dict({"name": "m", "model": {"source": "m.onnx"}, "accuracy": {"min_speedup": 0.5}})
-
-
-# ------------------------------------------------------------------ TVM tuning ships only what pays
-
-
-def test_tuned_library_ships_only_where_it_beats_the_untuned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlopt.runtime.tvm as rt
-    from mlopt.targets.tvm_tune import keep_paying
-
-    class Slow:
-        def __init__(self, seconds: float) -> None:
-            self.seconds = seconds
-
-        def __getitem__(self, name: str):
-            return lambda *args: time.sleep(self.seconds)
-
-    speeds = {"model_b1.so": 0.001, "model_b8.so": 0.02, "model.so": 0.008}
-    monkeypatch.setattr(rt, "vm", lambda folder, lib, dev: Slow(speeds[lib]))
-    for f in speeds:
-        (tmp_path / f).write_bytes(b"")
-
-    class Req:
-        threads = 1
-        batch_axis = "batch"
-        dims: dict = {}
-        model = type("M", (), {"inputs": [InputSpec(name="x", shape=["batch", 4])]})()
-
-    report: dict = {}
-    kept = keep_paying(tmp_path, {"1": "model_b1.so", "8": "model_b8.so"}, lambda b: "model.so", Req(), report)
-    assert kept == {"1": "model_b1.so"}
-    assert not (tmp_path / "model_b8.so").exists() and (tmp_path / "model_b1.so").exists()
-    rows = {r["batch_size"]: r for r in report["paid"]}
-    assert rows[1]["shipped"] == "tuned" and rows[8]["shipped"] == "untuned"
-    assert rows[8]["tuned_ms"] > rows[8]["untuned_ms"]

@@ -3,8 +3,8 @@
 The student is given ('module:factory'), derived from the teacher by structured pruning
 (``student: {from: prune, ratio: 0.5}``: prune, then recover accuracy by distillation), or the module a
 pass before made (``student: input``: a prune pass's result). The teacher is the incoming module or,
-with ``teacher: original``, the model as ingested: prune -> distill from the original -> quantize is the
-chain that recovers most of what pruning cost.
+with ``teacher: original``, the model as ingested: prune -> distill from the original -> quantize, each
+step judged by the budget (distillation on too little data can lower the metric; the gate then skips it).
 """
 
 from __future__ import annotations
