@@ -44,7 +44,7 @@ bench: $(STAMP)
 
 bench-compress: $(STAMP)
 	$(BIN)/python bench/compare.py --torch-compile --anchors --results bench/results-compress.json \
-	  --recipes examples/digits/compress.yaml,examples/minilm/compress.yaml,examples/efficientnet/compress.yaml
+	  --recipes examples/digits/compress.yaml,examples/minilm/chain.yaml,examples/efficientnet/compress.yaml
 
 # Regenerate the shipped JSON Schemas after changing mlopt/manifest.py (a test checks they match).
 schemas: $(STAMP)

@@ -354,9 +354,11 @@ def validate_manifest(data: dict[str, Any]) -> None:
     import jsonschema
 
     schema = json.loads(SCHEMA_FILE.read_text())
-    try:
-        jsonschema.validate(data, schema)
-    except jsonschema.ValidationError as e:
+    # The shipped schema itself is checked against its metaschema by the tests, not on every compile:
+    # jsonschema.validate() would re-check it each time (0.3 s of a 2 s cached rebuild).
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    e = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if e is not None:
         where = "/".join(str(p) for p in e.absolute_path)
         raise BadInput(f"manifest does not match schema {MANIFEST_SCHEMA_VERSION} at {where or '(root)'}: {e.message}") from None
 

@@ -28,7 +28,7 @@ PASS_FIELDS = {
                      "op_types", "exclude_nodes", "float_input_channels", "weight_bits", "block_size",
                      "keep_io_types", "preset", "model_type", "search", "search_space"],
     "QuantSearch": ["per_channel", "calibration", "keep_float", "precisions", "max_candidates"],
-    "PrunePass": ["kind", "name", "on_violation", "method", "ratio", "heads", "importance", "global_pruning",
+    "PrunePass": ["kind", "name", "on_violation", "method", "ratio", "heads", "layers", "importance", "global_pruning",
                   "ignore", "finetune_steps", "lr"],
     "StudentFromPrune": ["from", "ratio", "importance"],
     "DistillPass": ["kind", "name", "on_violation", "student", "teacher", "match", "temperature", "alpha", "steps",

@@ -375,6 +375,81 @@ def test_structured_prune_removes_attention_heads(tmp_path: Path) -> None:
     assert ingest.run_onnx(new.onnx_path, {"x": ids[:4]})["output"].shape == (4, 3)
 
 
+class _Residual:
+    """A stack of residual MLP blocks; ``scale`` sets how much each block moves its input."""
+
+    @staticmethod
+    def make(scales: list[float]) -> "torch.nn.Module":
+        import torch
+
+        class Block(torch.nn.Module):
+            def __init__(self, scale: float):
+                super().__init__()
+                self.fc = torch.nn.Linear(8, 8)
+                with torch.no_grad():
+                    self.fc.weight.mul_(scale)
+                    self.fc.bias.mul_(scale)
+
+            def forward(self, h):
+                return h + torch.tanh(self.fc(h))
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.blocks = torch.nn.ModuleList([Block(s) for s in scales])
+                self.head = torch.nn.Linear(8, 3)
+
+            def forward(self, x):
+                for b in self.blocks:
+                    x = b(x)
+                return self.head(x)
+
+        return Net().eval()
+
+
+def test_prune_layers_removes_the_blocks_that_move_outputs_least(tmp_path: Path) -> None:
+    # blocks 1 and 3 barely change their input; 0, 2 and 4 do: two layers removed must be 1 and 3
+    module = _Residual.make([3.0, 0.01, 3.0, 0.02, 3.0])
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    y = np.zeros(64, dtype=np.int64)
+    model = _model(module, tmp_path, ["batch", 8], x)
+    from mlopt.passes.prune import PrunePass
+
+    cfg = PrunePass(kind="prune", ratio=0, layers=2, finetune_steps=0)
+    new, details = get_pass("prune")(model, cfg, _ctx(tmp_path, x, y, ["batch", 8]))
+    pruned = new.module_fn()
+    assert len(pruned.blocks) == 3
+    assert details["layers"]["blocks"] == "blocks" and sorted(details["layers"]["removed"]) == [1, 3]
+    assert details["layers"]["relative_l2"][0] < 0.05  # the near-identity blocks, as measured
+    assert details["macs_after"] < details["macs_before"] and "blocks: 5 -> 3 blocks" in details["note"]
+    import torch
+
+    with torch.no_grad():  # the ONNX file is the pruned module, and it stays close to the original
+        want = pruned(torch.from_numpy(x[:4])).numpy()
+        orig = module(torch.from_numpy(x[:4])).numpy()
+    got = ingest.run_onnx(new.onnx_path, {"x": x[:4]})["output"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(got - orig).max() < 0.1
+
+
+def test_prune_layers_refuses_models_without_blocks_or_all_of_them(tmp_path: Path) -> None:
+    from mlopt.core.errors import BadInput
+    from mlopt.passes.prune import PrunePass
+
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    y = np.zeros(16, dtype=np.int64)
+    model = _model(_Residual.make([1.0, 1.0]), tmp_path, ["batch", 8], x)
+    with pytest.raises(BadInput, match="keep at least one"):
+        get_pass("prune")(model, PrunePass(kind="prune", ratio=0, layers=2), _ctx(tmp_path, x, y, ["batch", 8]))
+    import torch
+
+    (tmp_path / "flat").mkdir()
+    flat = _model(torch.nn.Sequential(torch.nn.Linear(8, 3)).eval(), tmp_path / "flat", ["batch", 8], x)
+    with pytest.raises(BadInput, match="no list of repeated blocks"):
+        get_pass("prune")(flat, PrunePass(kind="prune", ratio=0, layers=1), _ctx(tmp_path, x, y, ["batch", 8]))
+
+
 def test_unstructured_prune_says_it_is_not_faster(tmp_path: Path) -> None:
     x, y = _digits()
     model = _model(_train(_cnn(), x, y), tmp_path, ["batch", 1, 8, 8], x)
@@ -467,6 +542,8 @@ def test_gate_skips_when_told_and_manifest_says_so(tmp_path: Path) -> None:
     ({"kind": "prune", "ratios": 0.5}, "passes.0.prune.ratios"),
     ({"kind": "prune", "ratio": 0, "heads": 0}, "nothing to prune"),
     ({"kind": "prune", "method": "unstructured", "heads": 0.5}, "structured pruning only"),
+    ({"kind": "prune", "method": "unstructured", "layers": 1}, "structured pruning only"),
+    ({"kind": "prune", "layers": -1}, "passes.0.prune.layers"),
 ])
 def test_recipe_rejects_bad_pass_configs(step: dict, field: str) -> None:
     with pytest.raises(RecipeError) as e:

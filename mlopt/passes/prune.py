@@ -27,6 +27,9 @@ class PrunePass(Strict):
     ratio: float = Field(0.5, ge=0, lt=1, description="Fraction of channels (structured) or weights (unstructured) removed.")
     heads: float = Field(0.0, ge=0, lt=1, description="structured: fraction of attention heads removed in BERT-style "
                          "self-attention (query/key/value Linear layers and an output projection), lowest norm first.")
+    layers: int = Field(0, ge=0, description="structured: number of repeated blocks (transformer layers: the longest "
+                        "ModuleList of one block type) removed whole, one at a time, each time the block whose removal "
+                        "moves the model's outputs on data.calibration least (relative L2 to the unpruned outputs).")
     importance: Literal["magnitude", "taylor", "lamp", "random"] = Field("magnitude", description="Channel importance criterion.")
     global_pruning: bool = Field(False, description="Rank channels across layers (True) or prune each layer by ratio.")
     ignore: list[str] = Field(default_factory=list, description="Module names left whole (the classifier head is always kept).")
@@ -35,10 +38,10 @@ class PrunePass(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "PrunePass":
-        if self.ratio == 0 and self.heads == 0:
-            raise ValueError("nothing to prune: set ratio (channels or weights) or heads above 0")
-        if self.heads and self.method != "structured":
-            raise ValueError("heads applies to structured pruning only")
+        if self.ratio == 0 and self.heads == 0 and self.layers == 0:
+            raise ValueError("nothing to prune: set ratio (channels or weights), heads or layers above 0")
+        if (self.heads or self.layers) and self.method != "structured":
+            raise ValueError("heads and layers apply to structured pruning only")
         return self
 
 
@@ -56,12 +59,17 @@ def prune(model: Model, cfg: PrunePass, ctx: PassContext) -> tuple[Model, dict[s
     if feed is None:
         raise BadInput("prune needs data.calibration: example inputs for the dependency graph and fine-tuning")
     before = count(module, feed)
+    dropped: dict[str, Any] | None = None
     if cfg.method == "structured":
+        if cfg.layers:
+            dropped = drop_layers(module, ctx.calibration.feeds, cfg.layers)
         heads = prune_heads(module, cfg.heads) if cfg.heads else None
         if cfg.ratio:
             prune_structured(module, feed, cfg.ratio, cfg.importance, cfg.global_pruning, cfg.ignore)
         losses = finetune(module, model.module_fn(), ctx, cfg.finetune_steps, cfg.lr)
         note = "channels removed: the model is smaller and dense, so it runs faster"
+        if dropped:
+            note += f"; {dropped['blocks']}: {dropped['before']} -> {dropped['before'] - len(dropped['removed'])} blocks"
         if heads:
             note += f"; attention heads {heads[0]} -> {heads[1]}"
     else:
@@ -75,6 +83,8 @@ def prune(model: Model, cfg: PrunePass, ctx: PassContext) -> tuple[Model, dict[s
                "params_after": after["params"], "macs_before": before["macs"], "macs_after": after["macs"],
                "finetune_loss_first": losses[0] if losses else None, "finetune_loss_last": losses[-1] if losses else None,
                "note": note}
+    if dropped:
+        details["layers"] = dropped
     ctx.log(f"[prune] {cfg.method}: params {before['params']:,} -> {after['params']:,}, "
             f"MACs {before['macs']:,} -> {after['macs']:,}")
     return model.derive(out.onnx_path, module_fn=_frozen(module)), details
@@ -132,6 +142,66 @@ def prune_structured(module: Any, feed: dict, ratio: float, importance: str, glo
         module(*args).float().pow(2).mean().backward()
     torch.manual_seed(0)
     pruner.step()
+
+
+def block_list(module: Any) -> tuple[str, Any]:
+    """The model's repeated blocks: the longest ModuleList whose items are all one type (a transformer's layers)."""
+    import torch
+
+    lists = [(name, m) for name, m in module.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) >= 2
+             and len({type(b) for b in m}) == 1]
+    if not lists:
+        raise BadInput("prune.layers is set, but the model has no list of repeated blocks (a ModuleList of one block type)")
+    return max(lists, key=lambda nm: len(nm[1]))
+
+
+def drop_layers(module: Any, feeds: list[dict], n: int) -> dict[str, Any]:
+    """Remove ``n`` blocks of the model's block list in place, greedily: each time the block whose removal keeps
+    the outputs on ``feeds`` closest (relative L2) to the unpruned model's. A block whose removal breaks the
+    forward pass (it changes the shape its successor reads) is never chosen."""
+    import torch
+
+    name, blocks = block_list(module)
+    if n >= len(blocks):
+        raise BadInput(f"prune.layers={n} would remove every block of {name} ({len(blocks)} blocks); keep at least one")
+    parent, attr = _parent(module, name)
+    original = list(blocks)
+
+    def outputs() -> Any:
+        with torch.no_grad():
+            return torch.cat([module(*example_args(f)).float().flatten(1) for f in feeds])
+
+    ref = outputs()
+    kept, removed, drift = list(range(len(original))), [], []
+    for _ in range(n):
+        best: tuple[float, int] | None = None
+        for i in kept:
+            setattr(parent, attr, torch.nn.ModuleList([original[j] for j in kept if j != i]))
+            try:
+                out = outputs()
+            except (RuntimeError, IndexError, TypeError, ValueError):
+                continue
+            if out.shape != ref.shape:
+                continue
+            err = float((out - ref).norm() / ref.norm().clamp(min=1e-12))
+            if best is None or err < best[0]:
+                best = (err, i)
+        if best is None:
+            setattr(parent, attr, torch.nn.ModuleList([original[j] for j in kept]))
+            raise BadInput(f"prune.layers: no block of {name} can be removed without breaking the forward pass")
+        kept.remove(best[1])
+        removed.append(best[1])
+        drift.append(round(best[0], 5))
+    setattr(parent, attr, torch.nn.ModuleList([original[j] for j in kept]))
+    return {"blocks": name, "before": len(original), "removed": removed, "relative_l2": drift}
+
+
+def _parent(module: Any, name: str) -> tuple[Any, str]:
+    *path, attr = name.split(".")
+    parent = module
+    for p in path:
+        parent = getattr(parent, p)
+    return parent, attr
 
 
 def prune_heads(module: Any, ratio: float) -> tuple[int, int]:
