@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -379,7 +380,7 @@ class _Residual:
     """A stack of residual MLP blocks; ``scale`` sets how much each block moves its input."""
 
     @staticmethod
-    def make(scales: list[float]) -> "torch.nn.Module":
+    def make(scales: list[float]) -> Any:
         import torch
 
         class Block(torch.nn.Module):

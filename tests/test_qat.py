@@ -224,6 +224,19 @@ def test_without_min_speedup_the_same_pass_ships(tmp_path: Path) -> None:
     assert report["status"] == "applied" and report["latency_ms_after"] > 0
 
 
+def test_the_speed_gate_keeps_a_pass_that_wins_accuracy_back() -> None:
+    from types import SimpleNamespace
+
+    from mlopt.compiler.pipeline import _speed_gate
+
+    run = SimpleNamespace(recipe=SimpleNamespace(accuracy=SimpleNamespace(min_speedup=1.05)), log=lambda _: None)
+    step = SimpleNamespace(kind="distill")
+    assert _speed_gate(run, step, 10.0, 10.2, "onnxruntime", raised=True) == {}  # equal speed, accuracy won back
+    skipped = _speed_gate(run, step, 10.0, 10.2, "onnxruntime", raised=False)
+    assert skipped["status"] == "skipped" and "does not pay" in skipped["skip_reason"]
+    assert _speed_gate(run, step, 10.0, 9.0, "onnxruntime", raised=False) == {}  # 1.11x pays
+
+
 def test_min_speedup_below_one_is_refused() -> None:
     with pytest.raises(RecipeError, match="min_speedup"):
         recipe_from_dict({"name": "m", "model": {"source": "m.onnx"}, "accuracy": {"min_speedup": 0.5}})

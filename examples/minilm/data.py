@@ -57,6 +57,21 @@ def calibration(batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
         yield {k: v[i:i + batch_size] for k, v in enc.items()}
 
 
+def sentences(batch_size: int = 16, count: int = 1024) -> Iterator[dict[str, np.ndarray]]:
+    """Real English: the first ``count`` sentences of the Lee news corpus (shipped in gensim's test data),
+    for fine-tuning a compressed student on text it was not evaluated on (WordSim words are the evaluation)."""
+    import re
+
+    from gensim.test.utils import datapath
+
+    with open(datapath("lee_background.cor"), encoding="utf-8") as f:
+        text = f.read()
+    texts = [t.strip() for t in re.split(r"(?<=[.!?])\s+", text) if 20 < len(t.strip()) < 400][:count]
+    enc = _tokenize(texts)
+    for i in range(0, len(texts), batch_size):
+        yield {k: v[i:i + batch_size] for k, v in enc.items()}
+
+
 def spearman(outputs: dict[str, np.ndarray], labels: np.ndarray | None) -> float:
     """Spearman correlation of cosine(word1, word2) with WordSim353's human scores (higher is better)."""
     from scipy.stats import spearmanr

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from mlopt.compiler.feeds import onnx_runner
-from mlopt.compiler.measure import time_runner
+from mlopt.compiler.measure import interleaved, time_runner
 from mlopt.compiler.run import Reference, Run, evaluate, geomean
 from mlopt.passes import Figures, Judge
 from mlopt.runtime import Runner
@@ -81,3 +81,14 @@ def quick_latency(run: Run, runner: Runner) -> float:
     plan = run.recipe.benchmark
     quick = plan.model_copy(update={"warmup": 2, "runs": 7})
     return geomean([statistics.median(time_runner(runner, run.sample_feed(b), quick)) for b in run.batch_sizes])
+
+
+def paired_latency(run: Run, before: Runner, after: Runner) -> tuple[float, float]:
+    """ms of a pass's input and output, timed against each other: blocks of calls taking turns (A/B, then
+    B/A), so load on the machine slows both alike; per build, the geometric mean over the plan's batch sizes
+    of the median block. Separate quick medians flipped a chain's verdict under load (an int8 step timed
+    1.3x faster by the search and 0.78x slower by the gate a minute later)."""
+    feeds = {b: run.sample_feed(b) for b in run.batch_sizes}
+    rounds = interleaved({"before": before, "after": after}, feeds, run.recipe.benchmark)
+    per = {n: geomean([statistics.median(r[n] for r in rounds[b]) for b in sorted(rounds)]) for n in ("before", "after")}
+    return per["before"], per["after"]

@@ -310,11 +310,14 @@ def _pass_context(run: Run, work: Path, reference: Reference, original: Callable
 
 def _passes(run: Run, model: Model, reference: Reference) -> tuple[Model, list[PassReport]]:
     reports, original = [], model.module_fn
+    accuracy_in = reference.accuracy.value if reference.accuracy is not None else None
     for step in run.recipe.passes:
         name = step.name or step.kind
         with run.stage(f"pass {name}"):
-            model, report = _run_pass(run, model, step, name, reference, original)
+            model, report = _run_pass(run, model, step, name, reference, original, accuracy_in)
         reports.append(PassReport.model_validate(report))
+        if report["status"] == "applied" and report.get("accuracy_after") is not None:
+            accuracy_in = report["accuracy_after"]
         run.log(f"[pass] {name}: {report['status']} ({report['seconds']:.2f}s)")
     for line in step_table(reports):
         run.log(line)
@@ -336,7 +339,7 @@ def step_table(reports: list[PassReport]) -> list[str]:
 
 
 def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference,
-              original: Callable[[], Any] | None) -> tuple[Model, dict[str, Any]]:
+              original: Callable[[], Any] | None, accuracy_in: float | None) -> tuple[Model, dict[str, Any]]:
     budget = run.recipe.accuracy
     key = key_of({"model": model.digest, "step": step.model_dump(mode="json"), "budget": budget.model_dump(),
                   "calibration": run.data_key("calibration"), "evaluation": run.data_key("evaluation"),
@@ -349,7 +352,7 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference
         produced["module_fn"] = new.module_fn
         report = {"name": name, "kind": step.kind, "status": "applied", "size_before": model.size_bytes,
                   "size_after": new.size_bytes, "details": details}
-        verdict = _gate(run, model, new, step, reference, details.get(JUDGED_ON, judges.REFERENCE_JUDGE))
+        verdict = _gate(run, model, new, step, reference, details.get(JUDGED_ON, judges.REFERENCE_JUDGE), accuracy_in)
         reason = verdict.pop("skip_reason", None)
         report.update(verdict)
         if reason:  # keep what the pass found (a search's candidates) beside why it was skipped
@@ -382,22 +385,26 @@ def _recompute(run: Run, model: Model, step: Any, reference: Reference,
     return rebuild
 
 
-def _gate(run: Run, old: Model, new: Model, step: Any, reference: Reference, backend: str) -> dict[str, Any]:
+def _gate(run: Run, old: Model, new: Model, step: Any, reference: Reference, backend: str,
+          accuracy_in: float | None) -> dict[str, Any]:
     """Judge a pass: the accuracy budget for passes that change outputs (on ``backend``, the one a search
-    chose the output on), numerics for the others."""
+    chose the output on), numerics for the others. ``accuracy_in`` is the metric of the pass's input (the
+    last applied pass's accuracy, or the reference's)."""
     if not get_pass(step.kind).changes_outputs:
         check.check_pass(step.kind, old.onnx_path, new.onnx_path, run.sample_feed(2))
         return {}
     if reference.accuracy is None:
         raise BadInput(f"pass {step.kind} changes outputs, so the recipe needs data.evaluation to judge it")
     ref = reference.accuracy.value
-    after, fast_after = _judged(run, new, step, reference, backend)
+    after, new_runner = _judged(run, new, step, reference, backend)
     drop = ref - after
-    fast_before = judges.quick_latency(run, judges.judged_runner(backend, old.onnx_path, run.recipe.benchmark.threads))
+    old_runner = judges.judged_runner(backend, old.onnx_path, run.recipe.benchmark.threads)
+    fast_before, fast_after = judges.paired_latency(run, old_runner, new_runner)
     out = {"accuracy_before": ref, "accuracy_after": after, "judged_on": backend,
            "latency_ms_before": round(fast_before, 4), "latency_ms_after": round(fast_after, 4)}
     if drop <= run.recipe.accuracy.max_drop:
-        return {**out, **_speed_gate(run, step, fast_before, fast_after, backend)}
+        raised = accuracy_in is not None and after > accuracy_in
+        return {**out, **_speed_gate(run, step, fast_before, fast_after, backend, raised)}
     policy = step.on_violation or run.recipe.accuracy.on_violation
     msg = (f"pass {step.kind} drops {reference.accuracy.metric} from {ref:.4f} to {after:.4f} "
            f"(drop {drop:.4f} > budget {run.recipe.accuracy.max_drop})")
@@ -407,11 +414,12 @@ def _gate(run: Run, old: Model, new: Model, step: Any, reference: Reference, bac
     return {**out, "status": "skipped", "skip_reason": msg}
 
 
-def _speed_gate(run: Run, step: Any, before: float, after: float, backend: str) -> dict[str, Any]:
+def _speed_gate(run: Run, step: Any, before: float, after: float, backend: str, raised: bool) -> dict[str, Any]:
     """With ``accuracy.min_speedup``, a pass inside the budget that does not make the model that much faster
-    is skipped (whatever on_violation says: a pass that does not pay is not an error)."""
+    is skipped (whatever on_violation says: a pass that does not pay is not an error), unless it ``raised``
+    the accuracy of its input: distillation that wins back what an earlier step cost is kept at equal speed."""
     need = run.recipe.accuracy.min_speedup
-    if need is None or before >= need * after:
+    if need is None or before >= need * after or raised:
         return {}
     msg = (f"pass {step.kind} keeps accuracy but does not pay: {before:.3f} -> {after:.3f} ms on {backend} "
            f"({before / after:.2f}x, accuracy.min_speedup {need})")
@@ -419,13 +427,13 @@ def _speed_gate(run: Run, step: Any, before: float, after: float, backend: str) 
     return {"status": "skipped", "skip_reason": msg}
 
 
-def _judged(run: Run, new: Model, step: Any, reference: Reference, backend: str) -> tuple[float, float]:
-    """The pass's model judged as deployed: its metric and quick latency on ``backend`` (ONNX Runtime unless a
+def _judged(run: Run, new: Model, step: Any, reference: Reference, backend: str) -> tuple[float, Any]:
+    """The pass's model judged as deployed: its metric on ``backend``, and its runner (ONNX Runtime unless a
     search chose another) with all its optimizations (int8 fusions change numerics a little); a model ONNX
     Runtime has no kernels for (a bf16 Gemm on the CPU provider) cannot be judged here."""
     try:
         runner = judges.judged_runner(backend, new.onnx_path, run.recipe.benchmark.threads)
-        return evaluate(run, runner, reference), judges.quick_latency(run, runner)
+        return evaluate(run, runner, reference), runner
     except ort_not_implemented() as e:
         raise BackendUnavailable(
             f"pass {step.kind} made a model ONNX Runtime's CPU provider cannot run here "

@@ -62,7 +62,7 @@ def prune(model: Model, cfg: PrunePass, ctx: PassContext) -> tuple[Model, dict[s
     dropped: dict[str, Any] | None = None
     if cfg.method == "structured":
         if cfg.layers:
-            dropped = drop_layers(module, ctx.calibration.feeds, cfg.layers)
+            dropped = drop_layers(module, ctx.calibration.feeds[:LAYER_RANKING_BATCHES], cfg.layers)
         heads = prune_heads(module, cfg.heads) if cfg.heads else None
         if cfg.ratio:
             prune_structured(module, feed, cfg.ratio, cfg.importance, cfg.global_pruning, cfg.ignore)
@@ -142,6 +142,9 @@ def prune_structured(module: Any, feed: dict, ratio: float, importance: str, glo
         module(*args).float().pow(2).mean().backward()
     torch.manual_seed(0)
     pruner.step()
+
+
+LAYER_RANKING_BATCHES = 8  # calibration batches that rank blocks for removal (each candidate runs them all)
 
 
 def block_list(module: Any) -> tuple[str, Any]:

@@ -131,7 +131,8 @@ class AccuracyBudget(Strict):
     min_speedup: float | None = Field(
         None, ge=1.0, description="A pass that changes outputs must make the model at least this much faster "
         "than its input on the backend it is judged on (quick medians), or it is skipped: compression that "
-        "keeps accuracy but does not pay is not shipped. None: passes are judged on accuracy only.")
+        "keeps accuracy but does not pay is not shipped; a pass that raises its input's accuracy (distillation "
+        "after pruning) is kept at equal speed. None: passes are judged on accuracy only.")
 
 
 # The pass steps: one config model per registered pass (``mlopt.passes``), told apart by ``kind``.
