@@ -177,8 +177,9 @@ class PassReport(Record):
     judged_on: str | None = Field(None, description="1.6: the CPU backend this pass's accuracy and latency figures "
                                   "were measured on (passes that change outputs).")
     latency_ms_before: float | None = Field(
-        None, description="1.6: ms, the pass's input model on judged_on: geometric mean over the plan's batch sizes "
-        "of a quick median (7 runs); a figure to compare the steps of one build, not a benchmark.")
+        None, description="1.6: ms, the pass's input model on judged_on, timed interleaved with its output (A/B "
+        "blocks of 3 calls, up to 8 rounds per batch size): geometric mean over the plan's batch sizes of the "
+        "median block; a figure to compare the steps of one build, not a benchmark.")
     latency_ms_after: float | None = Field(None, description="1.6: ms, the pass's output, measured as latency_ms_before.")
     cached: bool = False
     details: dict[str, Any] = Field(default_factory=dict)
