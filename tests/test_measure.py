@@ -228,6 +228,28 @@ def test_a_build_failing_validation_here_is_exit_3_and_recorded(copied: dict, mo
     assert data["status"] == "failed" and any(e.startswith(f"{V3}/onnxruntime: ") for e in data["errors"])
 
 
+def test_a_failed_validation_is_remembered_until_the_tolerance_changes(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlopt.compiler import validate
+    from mlopt.targets.ort import OrtBackend
+
+    _runs_v3_or_skip(monkeypatch)
+    recipe = digits_recipe(tmp_path, targets=[V3], backends=["onnxruntime"], passes=[])
+    monkeypatch.setitem(validate.TOLERANCES, "onnxruntime", validate.Tolerance(atol=0.0, rtol=0.0))
+    first = runner.invoke(app, ["compile", str(recipe)])
+    assert first.exit_code == 3 and "FAILED validation:" in first.output, first.output
+    builds = []
+    real = OrtBackend.build
+    monkeypatch.setattr(OrtBackend, "build", lambda self, *a: builds.append(1) or real(self, *a))
+    again = runner.invoke(app, ["compile", str(recipe)])  # numerics have not changed: not built again
+    assert again.exit_code == 3 and "FAILED validation (cached)" in again.output and builds == [], again.output
+    (cand,) = json.loads((tmp_path / "out" / "manifest.json").read_text())["entries"][0]["candidates"]
+    assert cand["validation"]["status"] == "failed" and cand["cached"]
+    monkeypatch.setitem(validate.TOLERANCES, "onnxruntime", validate.DEFAULT)
+    fixed = runner.invoke(app, ["compile", str(recipe)])  # a new tolerance is a new verdict
+    assert fixed.exit_code == 0 and builds == [1], fixed.output
+
+
 def test_a_build_whose_runtime_is_missing_here_stays_unmeasured(copied: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlopt.targets.backends import Availability
     from mlopt.targets.ort import OrtBackend

@@ -151,10 +151,20 @@ def _candidate(t: Target, version_key: str, reference: Reference) -> Candidate:
         known.skus.append(sku.name)
         t.run.log(f"[{sku.name}] {name}: skipped, {import_pointer(name)}")
         return Candidate(backend=name, status="failed", compiled=t.avail.build, reason=import_pointer(name))
+    failure_key = _failure_key(t, key)
+    failure = t.run.store.lookup_step(VALIDATION_FAILED, failure_key)
+    if failure is not None:  # this very build failed validation before: its numerics have not changed since
+        t.run.log(f"[{sku.name}] {name}: FAILED validation (cached): {failure['reason']}")
+        return Candidate(backend=name, status="failed", compiled=t.avail.build, reason=failure["reason"],
+                         validation=Validation.model_validate(failure["validation"]), cached=True)
     try:
         art, cached, validation, seconds = _artifact(t, key)
     except ModelImportFailed as e:
         return _import_failed(t, e)
+    except ValidationMismatch as e:  # deterministic: remembered, so a cached rebuild does not build it again
+        t.run.store.record_step(VALIDATION_FAILED, failure_key, {"reason": str(e),
+                                                         "validation": check.failed(e).model_dump(mode="json")})
+        return _failed(t, e)
     except Exception as e:
         return _failed(t, e)
     t.run.store.link(t.run.recipe.model_name, t.version, art.key)
@@ -167,6 +177,19 @@ def _candidate(t: Target, version_key: str, reference: Reference) -> Candidate:
                      reason="" if t.avail.run else _not_run(t.avail.reason, t.why_not),
                      precision=art.build.precision, artifact=_artifact_ref(art), validation=validation,
                      build_seconds=seconds, cached=cached, details=art.build.details, measurement=measurement)
+
+
+VALIDATION_FAILED = "validation-failed"  # store steps: builds whose outputs broke the tolerance, by build key
+
+
+def _failure_key(t: Target, build_key: str) -> str:
+    """A validation verdict's key: the build's, the backend's tolerance, and what the sample it was validated
+    on is drawn from (the evaluation data's key and the plan's sizes; loading the data itself would cost a
+    cached rebuild seconds)."""
+    tolerance = check.TOLERANCES.get(t.backend.name, check.DEFAULT).model_dump(mode="json")
+    recipe = t.run.recipe
+    return key_of({"build": build_key, "tolerance": tolerance, "evaluation": t.run.data_key("evaluation"),
+                   "sizes": recipe.benchmark.sizes, "batch_axis": recipe.model.batch_axis})
 
 
 def _import_failed(t: Target, e: ModelImportFailed) -> Candidate:

@@ -365,7 +365,8 @@ def _run_pass(run: Run, model: Model, step: Any, name: str, reference: Reference
     if report["status"] != "applied":
         return model, report
     module_fn = produced.get("module_fn") if not hit else _recompute(run, model, step, reference, original)
-    return model.derive(folder / meta["file"], module_fn=module_fn), report
+    # cached_step re-hashed the step's files against their record: the stored digest is the file's
+    return model.derive(folder / meta["file"], module_fn=module_fn, digest=meta["digest"] if hit else None), report
 
 
 def _recompute(run: Run, model: Model, step: Any, reference: Reference,

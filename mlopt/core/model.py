@@ -48,9 +48,10 @@ class Model:
     # None once a pass makes the ONNX differ from any module (quantization).
     module_fn: Callable[[], Any] | None = None
 
-    def derive(self, onnx_path: Path, module_fn: Callable[[], Any] | None = None) -> "Model":
-        """A new Model made from this one by a pass (keeps the signature)."""
-        return replace(self, onnx_path=onnx_path, digest=file_digest(onnx_path), module_fn=module_fn)
+    def derive(self, onnx_path: Path, module_fn: Callable[[], Any] | None = None, digest: str | None = None) -> "Model":
+        """A new Model made from this one by a pass (keeps the signature). ``digest``: the file's, where a
+        store step already verified its bytes against it (a cached pass), so it is not hashed again."""
+        return replace(self, onnx_path=onnx_path, digest=digest or file_digest(onnx_path), module_fn=module_fn)
 
     @property
     def is_quantized(self) -> bool:
