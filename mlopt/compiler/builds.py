@@ -186,7 +186,9 @@ def _failure_key(t: Target, build_key: str) -> str:
     """A validation verdict's key: the build's, the backend's tolerance, and what the sample it was validated
     on is drawn from (the evaluation data's key and the plan's sizes; loading the data itself would cost a
     cached rebuild seconds)."""
-    tolerance = check.TOLERANCES.get(t.backend.name, check.DEFAULT).model_dump(mode="json")
+    tolerance = {"base": check.TOLERANCES.get(t.backend.name, check.DEFAULT).model_dump(mode="json"),
+                 "reduced_atol": check.REDUCED_PRECISION_ATOL, "reduced_rel_l2": check.REDUCED_PRECISION_REL_L2,
+                 "outlier": check.OUTLIER}
     recipe = t.run.recipe
     return key_of({"build": build_key, "tolerance": tolerance, "evaluation": t.run.data_key("evaluation"),
                    "sizes": recipe.benchmark.sizes, "batch_axis": recipe.model.batch_axis})
