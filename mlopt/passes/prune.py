@@ -200,11 +200,8 @@ def drop_layers(module: Any, feeds: list[dict], n: int) -> dict[str, Any]:
 
 
 def _parent(module: Any, name: str) -> tuple[Any, str]:
-    *path, attr = name.split(".")
-    parent = module
-    for p in path:
-        parent = getattr(parent, p)
-    return parent, attr
+    path, _, attr = name.rpartition(".")
+    return module.get_submodule(path), attr
 
 
 def prune_heads(module: Any, ratio: float) -> tuple[int, int]:
